@@ -1,0 +1,2 @@
+//! The `biplane` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Envoy xDS v3 glue.
