@@ -1,0 +1,5 @@
+//! HTTP layer (in progress).
+
+/// Compiled route tables and clusters.
+#[derive(Default)]
+pub struct HttpState {}
