@@ -1,2 +1,68 @@
-//! The `biplane` binary.
-fn main() {}
+//! The `biplane` binary: parses the command line, sets up logging and the runtime, and
+//! hands over to one subcommand module. Subcommand bodies live in their own modules.
+
+mod echo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "biplane",
+    version,
+    about = "Biplane: an L4/L7 proxy and its control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A small upstream for tests, demos and benchmarks (HTTP/1.1, h2c, WebSocket, gRPC).
+    Echo(echo::EchoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Echo(args) => echo::run(args).await.map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (stdout is for access logs and machine-readable output). The filter
+/// comes from `BIPLANE_LOG`, else `RUST_LOG`, else `info`.
+fn init_logging() {
+    let filter = std::env::var("BIPLANE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

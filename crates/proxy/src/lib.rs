@@ -8,13 +8,14 @@
 //!
 //! Architecture Invariant: this crate knows nothing of xDS, protobuf, the resource model
 //! or the store. It is fed `biplane_config::Config` values and compiles each into an
-//! immutable [`snapshot::Snapshot`] that is swapped in atomically (`ArcSwap`).
+//! immutable [`Snapshot`] that is swapped in atomically (`ArcSwap`).
 
-pub mod metrics;
 pub mod admin;
 pub mod http;
 pub mod lb;
 pub mod listener;
+pub mod metrics;
+mod proxy;
 pub mod tcp;
 pub mod tls;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 pub use metrics::Metrics;
+pub use proxy::{DrainReport, Proxy, ProxyError};
 
 /// One immutable, compiled configuration. Requests load the current one once
 /// (`Shared::snapshot.load()`) and use it to the end; a swap affects only later loads.

@@ -36,6 +36,13 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    pub cluster: String,
+    /// `upstream` (downstream -> upstream) or `downstream` (upstream -> downstream).
+    pub direction: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s, doubling.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16))
@@ -54,6 +61,8 @@ pub struct Metrics {
     pub upstream_connect_failures: Family<ClusterLabels, Counter>,
     pub upstream_requests_timeout: Family<ClusterLabels, Counter>,
     pub tcp_connections_total: Family<ClusterLabels, Counter>,
+    /// Bytes relayed by TCP (L4) proxying, by cluster and direction.
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub config_swaps: Counter,
 }
 
@@ -77,6 +86,7 @@ impl Metrics {
         let upstream_connect_failures = Family::<ClusterLabels, Counter>::default();
         let upstream_requests_timeout = Family::<ClusterLabels, Counter>::default();
         let tcp_connections_total = Family::<ClusterLabels, Counter>::default();
+        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let config_swaps = Counter::default();
         registry.register(
             "http_requests",
@@ -118,6 +128,11 @@ impl Metrics {
             "TCP (L4) connections proxied, by cluster",
             tcp_connections_total.clone(),
         );
+        registry.register(
+            "tcp_bytes",
+            "Bytes relayed by TCP (L4) proxying, by cluster and direction",
+            tcp_bytes.clone(),
+        );
         registry.register("config_swaps", "Config snapshots swapped in", config_swaps.clone());
         Self {
             registry,
@@ -129,6 +144,7 @@ impl Metrics {
             upstream_connect_failures,
             upstream_requests_timeout,
             tcp_connections_total,
+            tcp_bytes,
             config_swaps,
         }
     }
