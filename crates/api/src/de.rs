@@ -17,15 +17,38 @@ use serde::de::value::StrDeserializer;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-/// Problems found so far: (field path, message).
+/// A schema problem.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    /// Field path.
+    pub path: String,
+    /// Message.
+    pub message: String,
+    /// Whether a placeholder value stands where the problem is (false for unknown fields,
+    /// which are just left out).
+    pub substituted: bool,
+}
+
+/// Problems found so far.
 #[derive(Debug, Default)]
-pub(crate) struct Problems(RefCell<Vec<(String, String)>>);
+pub(crate) struct Problems(RefCell<Vec<Problem>>);
 
 impl Problems {
     fn push(&self, path: &str, message: String) {
-        self.0.borrow_mut().push((path.to_owned(), message));
+        self.0.borrow_mut().push(Problem {
+            path: path.to_owned(),
+            message,
+            substituted: true,
+        });
     }
-    pub(crate) fn into_inner(self) -> Vec<(String, String)> {
+    fn push_unknown(&self, path: &str, message: String) {
+        self.0.borrow_mut().push(Problem {
+            path: path.to_owned(),
+            message,
+            substituted: false,
+        });
+    }
+    pub(crate) fn into_inner(self) -> Vec<Problem> {
         self.0.into_inner()
     }
 }
@@ -382,7 +405,7 @@ impl<'de> Deserializer<'de> for De<'_, '_> {
             Some(Value::Object(map)) => {
                 for key in map.keys() {
                     if !fields.contains(&key.as_str()) {
-                        self.problems.push(
+                        self.problems.push_unknown(
                             &join_key(&self.path, key),
                             format!("unknown field (expected one of: {})", fields.join(", ")),
                         );

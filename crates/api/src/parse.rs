@@ -366,11 +366,16 @@ fn document(value: &Value) -> Outcome {
     let schema = problems.into_inner();
     // A semantic check that looked at a placeholder (a value a schema problem replaced) would
     // only echo that problem: drop it.
-    let semantic = sink
+    let semantic: Vec<(String, String)> = sink
         .0
         .into_iter()
-        .filter(|(p, _)| !schema.iter().any(|(sp, _)| related(sp, p)));
-    out.problems = schema.clone();
+        .filter(|(p, _)| {
+            !schema
+                .iter()
+                .any(|sp| sp.substituted && related(&sp.path, p))
+        })
+        .collect();
+    out.problems = schema.into_iter().map(|p| (p.path, p.message)).collect();
     out.problems.extend(semantic);
     out.resource = resource;
     out
@@ -380,7 +385,10 @@ fn typed<S: DeserializeOwned>(value: &Value, problems: &Problems) -> Option<(Obj
     from_value::<Doc<S>>(value, problems).map(|d| (d.metadata, d.spec))
 }
 
-/// Whether `a` is `b`, or one is inside the other, or `b` is inside `a`'s parent object.
+/// Whether a semantic problem at `semantic` may be an echo of a placeholder at `schema`: one
+/// path is inside the other, or `semantic` is inside the object holding `schema` (a sibling
+/// field may have been checked against it), except at the top of `spec`/`metadata`, whose
+/// fields are checked independently.
 fn related(schema: &str, semantic: &str) -> bool {
     fn within(inner: &str, outer: &str) -> bool {
         outer.is_empty()
@@ -392,9 +400,10 @@ fn related(schema: &str, semantic: &str) -> bool {
         Some(i) => &schema[..i],
         None => "",
     };
+    let independent = matches!(parent, "" | "spec" | "metadata");
     within(semantic, schema)
         || within(schema, semantic)
-        || (!parent.is_empty() && within(semantic, parent))
+        || (!independent && within(semantic, parent))
 }
 
 // ------------------------------------------------------------------ Secret

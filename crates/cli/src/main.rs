@@ -2,6 +2,7 @@
 //! hands over to one subcommand module. Subcommand bodies live in their own modules.
 
 mod echo;
+mod proxy_cmd;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the data plane from a static resource file (Gateway API + Backend YAML/JSON).
+    Proxy(proxy_cmd::ProxyArgs),
     /// A small upstream for tests, demos and benchmarks (HTTP/1.1, h2c, WebSocket, gRPC).
     Echo(echo::EchoArgs),
 }
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::Echo(args) => echo::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -129,6 +129,9 @@ pub struct ChainTable {
     pub chains: Vec<CompiledChain>,
     /// Peek the ClientHello before choosing (some chain matches on SNI or transport).
     pub inspect: bool,
+    /// Without inspection: whether to select as for a TLS connection (every chain
+    /// terminates TLS, so rustls rejects plaintext anyway and the peek is saved).
+    assume_tls: bool,
     conns_active: Gauge,
     conns_total: Counter,
 }
@@ -195,9 +198,16 @@ impl ChainTable {
                 handler,
             });
         }
-        let inspect = chains
+        // Inspection is skipped when it cannot change the outcome: no chain matches on
+        // names, and either no chain cares about the transport or every chain terminates
+        // TLS (a plaintext client then fails the handshake, as it would fail to match).
+        let names = chains.iter().any(|c| !c.server_names.is_empty());
+        let all_plain_agnostic = chains.iter().all(|c| c.transport.is_none());
+        let all_terminate = chains
             .iter()
-            .any(|c| !c.server_names.is_empty() || c.transport.is_some());
+            .all(|c| c.acceptor.is_some() && c.transport == Some(true));
+        let inspect = names || !(all_plain_agnostic || all_terminate);
+        let assume_tls = !inspect && all_terminate && !chains.is_empty();
         let labels = ListenerLabels {
             listener: listener.name.clone(),
         };
@@ -205,6 +215,7 @@ impl ChainTable {
             name: Arc::from(listener.name.as_str()),
             chains,
             inspect,
+            assume_tls,
             conns_active: metrics
                 .downstream_connections_active
                 .get_or_create(&labels)
@@ -391,7 +402,7 @@ async fn handle(
     } else {
         None
     };
-    let is_tls = hello.is_some();
+    let is_tls = hello.is_some() || table.assume_tls;
     let sni = hello.and_then(|h| h.sni);
     let Some(chain) = table.select(sni.as_deref(), is_tls) else {
         tracing::debug!(listener = %table.name, %peer, ?sni, is_tls, "closing: no filter chain matches");
@@ -427,6 +438,9 @@ async fn handle(
             let (_, session) = tls.get_ref();
             conn.tls = true;
             conn.alpn_h2 = session.alpn_protocol() == Some(b"h2");
+            if conn.sni.is_none() {
+                conn.sni = session.server_name().map(Arc::from);
+            }
             dispatch(tls, conn, handler, shared, drain).await;
         }
     }
@@ -601,6 +615,28 @@ mod tests {
         let t = table(vec![chain("a", &[], None), chain("b", &[], None)]);
         assert!(!t.inspect);
         assert_eq!(pick(&t, None, false), Some("a"));
+    }
+
+    #[test]
+    fn terminating_listener_without_names_does_not_inspect() {
+        let c = rcgen::generate_simple_self_signed(vec!["a.example.com".to_owned()]).unwrap();
+        let mut term = chain("tls", &[], None);
+        term.tls = Some(TlsTermination {
+            certificates: vec![biplane_config::Certificate {
+                name: "s".into(),
+                cert_chain_pem: c.cert.pem(),
+                private_key_pem: c.signing_key.serialize_pem(),
+            }],
+            alpn: Vec::new(),
+        });
+        let t = table(vec![term.clone()]);
+        assert!(!t.inspect && t.assume_tls);
+        assert_eq!(pick(&t, None, true), Some("tls"));
+        // Next to a plaintext chain the transport decides: inspect.
+        let t = table(vec![term, chain("plain", &[], Some(false))]);
+        assert!(t.inspect);
+        assert_eq!(pick(&t, None, false), Some("plain"));
+        assert_eq!(pick(&t, None, true), Some("tls"));
     }
 
     #[tokio::test]

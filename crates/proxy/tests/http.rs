@@ -69,6 +69,15 @@ async fn upstream(name: &'static str) -> Upstream {
 async fn upstream_handler(name: &'static str, mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
+    let pq = req.uri().path_and_query().map_or("/".to_owned(), |p| p.to_string());
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
     let mut res = match path.as_str() {
         "/ws" => {
             let on = hyper::upgrade::on(&mut req);
@@ -124,17 +133,9 @@ async fn upstream_handler(name: &'static str, mut req: Request<Incoming>) -> Res
     };
     let h = res.headers_mut();
     h.insert("x-upstream", HeaderValue::from_static(name));
-    let pq = req.uri().path_and_query().map_or("/".to_owned(), |p| p.to_string());
     h.insert("x-seen-path", HeaderValue::from_str(&pq).unwrap());
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
     h.insert("x-seen-host", HeaderValue::from_str(&host).unwrap());
-    h.insert("x-seen-version", HeaderValue::from_str(&format!("{:?}", req.version())).unwrap());
+    h.insert("x-seen-version", HeaderValue::from_str(&version).unwrap());
     Ok(res)
 }
 
@@ -266,28 +267,34 @@ fn h1_client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> (Response<Incoming>, String) {
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+async fn collect(res: Response<Incoming>) -> Got {
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    Got { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+}
+
+async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Got {
     get_with(client, url, &[]).await
 }
 
-async fn get_with(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> (Response<Incoming>, String) {
+async fn get_with(client: &Client<HttpConnector, Full<Bytes>>, url: &str, headers: &[(&str, &str)]) -> Got {
     let mut req = Request::get(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let res = client.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
-    let (parts, body) = res.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    (Response::from_parts(parts, Incoming::default_for_tests()), String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// `Response<Incoming>` cannot be built by hand; keep only the head.
-trait DefaultForTests {
-    fn default_for_tests() -> Self;
+    collect(client.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await
 }
 
 /// Raw HTTP/1.1 exchange: write `raw`, read until the peer closes or `deadline`.
@@ -306,3 +313,489 @@ async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+fn fwd(clusters: &[(&str, u32)]) -> cfg::RouteAction {
+    cfg::RouteAction::Forward(forward(clusters))
+}
+
+#[tokio::test]
+async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let c = h1_client();
+    let got = get_with(
+        &c,
+        &p.url("/hello?x=1"),
+        &[("host", "svc.example.com"), ("connection", "x-private"), ("x-private", "1"), ("x-forwarded-for", "192.0.2.1")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.header("x-upstream"), "a");
+    assert_eq!(got.header("x-seen-path"), "/hello?x=1");
+    assert_eq!(got.header("x-seen-host"), "svc.example.com");
+    assert!(got.body.contains("x-forwarded-for: 192.0.2.1, 127.0.0.1\n"), "{}", got.body);
+    assert!(got.body.contains("x-forwarded-proto: http\n"), "{}", got.body);
+    assert!(!got.body.contains("x-private"), "{}", got.body);
+    // Metrics: one 2xx for route r, backend a, listener test.
+    let m = p.shared.metrics.encode();
+    assert!(
+        m.lines().any(|l| l.starts_with("biplane_http_requests_total{")
+            && l.contains("route=\"r\"")
+            && l.contains("backend=\"a\"")
+            && l.contains("class=\"2xx\"")
+            && l.ends_with(" 1")),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn weighted_split_within_tolerance() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1), ("b", 3)]))],
+            vec![cluster("a", &[a.addr]), cluster("b", &[b.addr])],
+        ),
+        hcm(),
+    )
+    .await;
+    let c = h1_client();
+    let mut on_b = 0;
+    for _ in 0..400 {
+        if get(&c, &p.url("/")).await.header("x-upstream") == "b" {
+            on_b += 1;
+        }
+    }
+    assert!((260..=340).contains(&on_b), "b got {on_b}/400, want ~300");
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_upstream_connection() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let c = h1_client();
+    for _ in 0..20 {
+        assert_eq!(get(&c, &p.url("/")).await.status, StatusCode::OK);
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "sequential requests share one pooled connection");
+}
+
+#[tokio::test]
+async fn local_errors_404_503() {
+    // A port with nothing listening: bind, note it, close.
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let p = proxy(
+        config(
+            &["app.example.com"],
+            vec![
+                route("down", prefix("/down"), fwd(&[("dead", 1)])),
+                route("empty", prefix("/empty"), fwd(&[("empty", 1)])),
+                route(
+                    "unresolved",
+                    prefix("/unresolved"),
+                    cfg::RouteAction::DirectResponse { status: 500, body: "backend not found".into() },
+                ),
+            ],
+            vec![cluster("dead", &[dead]), cluster("empty", &[])],
+        ),
+        hcm(),
+    )
+    .await;
+    let c = h1_client();
+    let got = get_with(&c, &p.url("/x"), &[("host", "other.example.com")]).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(got.body, "no route for host other.example.com path /x\n");
+    assert_eq!(got.header("x-biplane-error"), "no_route");
+    let got = get_with(&c, &p.url("/nothing"), &[("host", "app.example.com")]).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+
+    let got = get_with(&c, &p.url("/down"), &[("host", "app.example.com")]).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.body);
+    assert_eq!(got.header("x-biplane-error"), "upstream_connect_failure");
+    assert!(p.shared.metrics.encode().contains("biplane_upstream_connect_failures_total{cluster=\"dead\"} 1"));
+
+    let got = get_with(&c, &p.url("/empty"), &[("host", "app.example.com")]).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.header("x-biplane-error"), "no_healthy_upstream");
+
+    let got = get_with(&c, &p.url("/unresolved"), &[("host", "app.example.com")]).await;
+    assert_eq!(got.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(got.body, "backend not found");
+}
+
+#[tokio::test]
+async fn timeout_gives_504() {
+    let up = upstream("slow").await;
+    let mut f = forward(&[("slow", 1)]);
+    f.timeout = Some(Duration::from_secs(5));
+    f.per_try_timeout = Some(Duration::from_millis(150));
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))], vec![cluster("slow", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let c = h1_client();
+    let t0 = Instant::now();
+    let got = get(&c, &p.url("/delay?ms=3000")).await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.header("x-biplane-error"), "upstream_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(get(&c, &p.url("/delay?ms=1")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn smuggling_shapes_get_400_and_never_reach_upstream() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let cases: [&[u8]; 3] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    for raw in cases {
+        let res = raw_exchange(p.addr, raw).await;
+        assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+        assert!(res.contains("x-biplane-error: bad_request"), "{res}");
+    }
+    // Differing lengths: hyper's own 400.
+    let res = raw_exchange(p.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    // A clean request first on the same connection, then a bad one: the first is served.
+    let res = raw_exchange(
+        p.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(res.contains("HTTP/1.1 400"), "{res}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1, "only the clean request went upstream");
+}
+
+#[tokio::test]
+async fn headers_too_large_get_431() {
+    let up = upstream("a").await;
+    let mut small = hcm();
+    small.max_request_headers_kb = 2;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        small,
+    )
+    .await;
+    // Over the limit but within hyper's 8 KiB minimum buffer: our guard answers.
+    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(3000));
+    let res = raw_exchange(p.addr, raw.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 431"), "{res}");
+    assert!(res.contains("headers_too_large"), "{res}");
+    // Over hyper's buffer: hyper answers 431 itself.
+    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let res = raw_exchange(p.addr, raw.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 431"), "{res}");
+    // Within the limit: fine.
+    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Ok: {}\r\n\r\n", "a".repeat(500));
+    let res = raw_exchange(p.addr, raw.as_bytes()).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    // HTTP/2: the h2 layer answers 431 for a header list over the limit.
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = Request::get(p.url("/")).header("x-big", "a".repeat(3000)).body(Full::new(Bytes::new())).unwrap();
+    let res = h2.request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_downstream() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = Request::get(format!("http://h2.example.com:{}/x", p.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // Connect to the proxy but keep the authority: dial by address with a custom URI.
+    let mut req = req;
+    *req.uri_mut() = p.url("/x").parse().unwrap();
+    req.headers_mut().insert(header::HOST, HeaderValue::from_static("ignored"));
+    let got = collect(h2.request(req).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.header("x-upstream"), "a");
+    // Upstream is HTTP/1.1; the Host it sees is the h2 :authority... or the Host header
+    // the client sent (hyper's client sends both; the header wins, as in Envoy).
+    assert_eq!(got.header("x-seen-version"), "HTTP/1.1");
+    assert!(!got.header("x-seen-host").is_empty());
+}
+
+#[tokio::test]
+async fn grpc_like_trailers_pass_through_h2() {
+    let up = upstream("grpc").await;
+    let mut c = cluster("grpc", &[up.addr]);
+    c.protocol = cfg::UpstreamProtocol::Http2;
+    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("grpc", 1)]))], vec![c]), hcm()).await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = Request::post(p.url("/trailers"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from_static(b"req")))
+        .unwrap();
+    let res = h2.request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-seen-version"], "HTTP/2.0");
+    let collected = res.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "grpc-ish");
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+    let req = Request::post("/echo").header("host", "a").body(body).unwrap();
+    tx.send_data(Bytes::from_static(b"first")).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    // The first chunk comes back before the request body is finished.
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "first");
+    tx.send_data(Bytes::from_static(b"second")).await.unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "second");
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.unwrap().unwrap();
+    assert!(rest.to_bytes().is_empty());
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels() {
+    let up = upstream("ws").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("ws", 1)]))], vec![cluster("ws", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get("/ws")
+        .header("host", "a")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(res.headers()["upgrade"], "websocket");
+    let upgraded = hyper::upgrade::on(&mut res).await.unwrap();
+    let mut io = TokioIo::new(upgraded);
+    io.write_all(b"ping through the tunnel").await.unwrap();
+    let mut buf = vec![0u8; 23];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(buf, b"ping through the tunnel");
+}
+
+#[tokio::test]
+async fn config_swap_applies_to_next_request_on_same_connection() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let clusters = vec![cluster("a", &[a.addr]), cluster("b", &[b.addr])];
+    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], clusters.clone()), hcm()).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = || Request::get("/").header("host", "x").body(Empty::<Bytes>::new()).unwrap();
+    let res = send.send_request(req()).await.unwrap();
+    assert_eq!(res.headers()["x-upstream"], "a");
+    res.into_body().collect().await.unwrap();
+    let old_a = p.shared.snapshot.load().http.clusters["a"].clone();
+    p.swap(config(&["*"], vec![route("r", prefix("/"), fwd(&[("b", 1)]))], clusters));
+    // Unchanged clusters are carried over (same pool).
+    assert!(Arc::ptr_eq(&old_a, &p.shared.snapshot.load().http.clusters["a"]));
+    let res = send.send_request(req()).await.unwrap();
+    assert_eq!(res.headers()["x-upstream"], "b");
+}
+
+#[tokio::test]
+async fn redirect_rewrite_and_header_mutation() {
+    let up = upstream("a").await;
+    let mut f = forward(&[("a", 1)]);
+    f.path_rewrite = Some(cfg::PathRewrite::ReplacePrefix("/v2".into()));
+    f.host_rewrite = Some("internal.svc".into());
+    let mut api = route("api", prefix("/v1"), cfg::RouteAction::Forward(f));
+    api.request_headers = cfg::HeaderMutation {
+        remove: vec!["x-drop".into()],
+        set: vec![("x-set".into(), "s".into())],
+        add: vec![("x-add".into(), "a".into())],
+    };
+    api.response_headers = cfg::HeaderMutation {
+        remove: vec!["x-seen-version".into()],
+        set: vec![("x-resp".into(), "r".into())],
+        add: vec![],
+    };
+    let redirect = route(
+        "redir",
+        prefix("/old"),
+        cfg::RouteAction::Redirect(cfg::Redirect {
+            scheme: Some("https".into()),
+            host: None,
+            port: None,
+            path: Some(cfg::RedirectPath::ReplacePrefix("/new".into())),
+            status: 301,
+        }),
+    );
+    let p = proxy(config(&["*"], vec![api, redirect], vec![cluster("a", &[up.addr])]), hcm()).await;
+    let c = h1_client();
+    let got = get_with(&c, &p.url("/v1/items?q=1"), &[("host", "api.example.com"), ("x-drop", "1"), ("x-set", "old")]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.header("x-seen-path"), "/v2/items?q=1");
+    assert_eq!(got.header("x-seen-host"), "internal.svc");
+    assert!(!got.body.contains("x-drop"), "{}", got.body);
+    assert!(got.body.contains("x-set: s\n") && got.body.contains("x-add: a\n"), "{}", got.body);
+    assert_eq!(got.header("x-resp"), "r");
+    assert!(got.headers.get("x-seen-version").is_none());
+
+    let got = get_with(&c, &p.url("/old/page?a=b"), &[("host", "www.example.com:8080")]).await;
+    assert_eq!(got.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(got.header("location"), "https://www.example.com/new/page?a=b");
+}
+
+#[tokio::test]
+async fn ring_hash_is_sticky_on_header() {
+    let ups = [upstream("u0").await, upstream("u1").await, upstream("u2").await, upstream("u3").await];
+    let mut c = cluster("ring", &ups.iter().map(|u| u.addr).collect::<Vec<_>>());
+    c.lb_policy = cfg::LbPolicy::RingHash { minimum_ring_size: 1024, maximum_ring_size: 8_388_608 };
+    let mut f = forward(&[("ring", 1)]);
+    f.hash_policy = vec![cfg::HashPolicy::Header("x-user".into())];
+    let p = proxy(config(&["*"], vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))], vec![c]), hcm()).await;
+    let client = h1_client();
+    let mut seen = std::collections::HashSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"] {
+        let first = get_with(&client, &p.url("/"), &[("x-user", user)]).await.header("x-upstream").to_owned();
+        for _ in 0..5 {
+            assert_eq!(get_with(&client, &p.url("/"), &[("x-user", user)]).await.header("x-upstream"), first);
+        }
+        seen.insert(first);
+    }
+    assert!(seen.len() >= 2, "8 users all on one endpoint: {seen:?}");
+}
+
+/// Poll until the server closes `s` (EOF), or fail at the deadline.
+async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let up = upstream("a").await;
+    let mut h = hcm();
+    h.idle_timeout = Some(Duration::from_millis(200));
+    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]), h)
+        .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let t0 = Instant::now();
+    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await, "idle connection not closed");
+    assert!(t0.elapsed() >= Duration::from_millis(150));
+    // A connection that never sends a request is closed too.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn drain_closes_connections_after_in_flight_response() {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let conn_task = tokio::spawn(conn);
+    let in_flight = send.send_request(Request::get("/delay?ms=300").header("host", "a").body(Empty::<Bytes>::new()).unwrap());
+    let in_flight = tokio::spawn(in_flight);
+    // Wait until the upstream has the request, then drain.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.shutdown.send(true).unwrap();
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["connection"], "close");
+    let _ = res.into_body().collect().await;
+    tokio::time::timeout(Duration::from_secs(5), conn_task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn access_log_line_written() {
+    // Exercise the logging path end to end (the line goes to stdout; format is unit-tested).
+    let up = upstream("a").await;
+    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]), hcm())
+        .await;
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::new(p.shared.snapshot.load_full()),
+        metrics: p.shared.metrics.clone(),
+        options: ProxyOptions { access_log: true, ..ProxyOptions::default() },
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.unwrap();
+        let conn = ConnInfo { listener: "logged".into(), peer, local: addr, tls: false, alpn_h2: false, sni: None };
+        biplane_proxy::http::serve_connection(stream, conn, Arc::new(hcm()), shared, rx).await;
+    });
+    let c = h1_client();
+    let req = Request::post(format!("http://{addr}/echo")).body(Full::new(Bytes::from_static(b"12345"))).unwrap();
+    let got = collect(c.request(req).await.unwrap()).await;
+    assert_eq!(got.body, "12345");
+}
+
+#[allow(dead_code, reason = "keeps the Frame import meaningful for future trailer tests")]
+fn _frame(_: Frame<Bytes>, _: Method) {}

@@ -233,8 +233,8 @@ async fn plaintext_h2c_prior_knowledge() {
     )
     .unwrap();
     assert!(
-        body.to_ascii_lowercase()
-            .contains("x-forwarded-proto: http\r\n"),
+        body.lines()
+            .any(|l| l.eq_ignore_ascii_case("x-forwarded-proto: http")),
         "{body}"
     );
     proxy.shutdown().await;
@@ -254,6 +254,16 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     .unwrap();
     let addr = addr_of(&proxy, "web");
 
+    // An idle keep-alive connection (one request done) is closed at once on drain.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /fast HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 15];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
+    seen.recv().await.unwrap();
+
     let mut client = TcpStream::connect(addr).await.unwrap();
     client
         .write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\n\r\n")
@@ -267,6 +277,16 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     assert!(head.starts_with("GET /slow"));
 
     let shutdown = tokio::spawn(proxy.shutdown());
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "idle connection not closed promptly"
+    );
     assert!(
         eventually(|| async move { TcpStream::connect(addr).await.is_err() }).await,
         "still accepting"
@@ -289,7 +309,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     assert_eq!(
         report,
         DrainReport {
-            drained: 1,
+            drained: 2,
             aborted: 0
         }
     );

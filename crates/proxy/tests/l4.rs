@@ -217,3 +217,62 @@ async fn bad_tls_material_fails_start() {
     let err = Proxy::start(cfg, options()).await.err().unwrap();
     assert!(err.to_string().contains("secret-a"), "{err}");
 }
+
+#[tokio::test]
+async fn garbage_after_a_tls_record_header_is_closed() {
+    let up = tcp_echo("up").await;
+    let cfg = config(
+        "v1",
+        vec![listener(
+            "tls",
+            LOCAL,
+            vec![tcp_chain("a", &["a.example.com"], Some(true), "c")],
+        )],
+        vec![cluster("c", &[up])],
+    );
+    let proxy = Proxy::start(cfg, options()).await.unwrap();
+    let mut s = TcpStream::connect(addr_of(&proxy, "tls")).await.unwrap();
+    // A handshake record whose message is a ServerHello, not a ClientHello.
+    s.write_all(&[22, 3, 1, 0, 8, 2, 0, 0, 4, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    assert!(closed_by_peer(&mut s).await);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn apply_rotates_a_certificate_without_rebinding() {
+    let old = cert("site", &["a.example.com"]);
+    let new = cert("site", &["a.example.com"]);
+    let up = tcp_echo("up").await;
+    let with = |c: &TestCert| {
+        let mut chain = tcp_chain("https", &["a.example.com"], None, "c");
+        chain.tls = Some(termination(&[c], &[]));
+        config(
+            "v",
+            vec![listener("https", LOCAL, vec![chain])],
+            vec![cluster("c", &[up])],
+        )
+    };
+    let proxy = Proxy::start(with(&old), options()).await.unwrap();
+    let addr = addr_of(&proxy, "https");
+    let mut before = tls_connect(&connector(&[&old.der], &[]), addr, "a.example.com")
+        .await
+        .unwrap();
+    assert_eq!(read_line(&mut before).await, "up");
+
+    proxy.apply(with(&new)).await.unwrap();
+    assert_eq!(addr_of(&proxy, "https"), addr);
+    let s = tls_connect(&connector(&[&new.der], &[]), addr, "a.example.com")
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0], new.der);
+    assert!(
+        tls_connect(&connector(&[&old.der], &[]), addr, "a.example.com")
+            .await
+            .is_err()
+    );
+    // The session established before the rotation goes on.
+    roundtrip(&mut before, b"still on the old cert").await;
+    proxy.shutdown().await;
+}

@@ -43,13 +43,21 @@ impl XdsResources {
             if let Err(e) = out.push_any(&any) {
                 errors.push(XdsError {
                     kind: e.kind,
-                    name: if e.name.is_empty() { format!("#{i}") } else { e.name },
+                    name: if e.name.is_empty() {
+                        format!("#{i}")
+                    } else {
+                        e.name
+                    },
                     path: e.path,
                     message: e.message,
                 });
             }
         }
-        if errors.is_empty() { Ok(out) } else { Err(XdsErrors(errors)) }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(XdsErrors(errors))
+        }
     }
 
     /// Decodes one `Any` and appends it to the matching list.
@@ -67,11 +75,15 @@ impl XdsResources {
             message: format!("cannot decode protobuf: {e}"),
         };
         match kind {
-            ResourceKind::Listener => self.listeners.push(Listener::decode(&*any.value).map_err(bad)?),
-            ResourceKind::RouteConfiguration => {
-                self.route_configs.push(RouteConfiguration::decode(&*any.value).map_err(bad)?)
-            }
-            ResourceKind::Cluster => self.clusters.push(Cluster::decode(&*any.value).map_err(bad)?),
+            ResourceKind::Listener => self
+                .listeners
+                .push(Listener::decode(&*any.value).map_err(bad)?),
+            ResourceKind::RouteConfiguration => self
+                .route_configs
+                .push(RouteConfiguration::decode(&*any.value).map_err(bad)?),
+            ResourceKind::Cluster => self
+                .clusters
+                .push(Cluster::decode(&*any.value).map_err(bad)?),
             ResourceKind::ClusterLoadAssignment => self
                 .load_assignments
                 .push(ClusterLoadAssignment::decode(&*any.value).map_err(bad)?),
@@ -85,26 +97,43 @@ impl XdsResources {
     /// order: clusters, load assignments, listeners, route configurations, secrets.
     pub fn to_any(&self) -> Vec<(ResourceKind, String, pbuf::Any)> {
         let mut out = Vec::new();
-        out.extend(self.clusters.iter().map(|c| (ResourceKind::Cluster, c.name.clone(), to_any(c))));
         out.extend(
-            self.load_assignments
+            self.clusters
                 .iter()
-                .map(|c| (ResourceKind::ClusterLoadAssignment, c.cluster_name.clone(), to_any(c))),
+                .map(|c| (ResourceKind::Cluster, c.name.clone(), to_any(c))),
         );
-        out.extend(self.listeners.iter().map(|l| (ResourceKind::Listener, l.name.clone(), to_any(l))));
+        out.extend(self.load_assignments.iter().map(|c| {
+            (
+                ResourceKind::ClusterLoadAssignment,
+                c.cluster_name.clone(),
+                to_any(c),
+            )
+        }));
+        out.extend(
+            self.listeners
+                .iter()
+                .map(|l| (ResourceKind::Listener, l.name.clone(), to_any(l))),
+        );
         out.extend(
             self.route_configs
                 .iter()
                 .map(|r| (ResourceKind::RouteConfiguration, r.name.clone(), to_any(r))),
         );
-        out.extend(self.secrets.iter().map(|s| (ResourceKind::Secret, s.name.clone(), to_any(s))));
+        out.extend(
+            self.secrets
+                .iter()
+                .map(|s| (ResourceKind::Secret, s.name.clone(), to_any(s))),
+        );
         out
     }
 }
 
 /// Packs a message into envoy-types' own `google.protobuf.Any`.
 pub fn to_any<M: Message + Name>(m: &M) -> pbuf::Any {
-    pbuf::Any { type_url: M::type_url(), value: m.encode_to_vec() }
+    pbuf::Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
 }
 
 /// The xDS resource types, named as in error messages.
@@ -190,7 +219,9 @@ impl std::error::Error for XdsErrors {}
 impl XdsErrors {
     /// Errors about one resource (for a NACK's `error_detail`, per resource).
     pub fn for_resource(&self, kind: ResourceKind, name: &str) -> impl Iterator<Item = &XdsError> {
-        self.0.iter().filter(move |e| e.kind == kind && e.name == name)
+        self.0
+            .iter()
+            .filter(move |e| e.kind == kind && e.name == name)
     }
 }
 
@@ -202,8 +233,17 @@ pub(crate) struct Ctx<'e> {
 }
 
 impl<'e> Ctx<'e> {
-    pub(crate) fn new(kind: ResourceKind, name: &str, index: usize, errors: &'e mut Vec<XdsError>) -> Self {
-        let name = if name.is_empty() { format!("#{index}") } else { name.to_owned() };
+    pub(crate) fn new(
+        kind: ResourceKind,
+        name: &str,
+        index: usize,
+        errors: &'e mut Vec<XdsError>,
+    ) -> Self {
+        let name = if name.is_empty() {
+            format!("#{index}")
+        } else {
+            name.to_owned()
+        };
         Ctx { kind, name, errors }
     }
 
@@ -211,7 +251,11 @@ impl<'e> Ctx<'e> {
         self.errors.push(XdsError {
             kind: self.kind,
             name: self.name.clone(),
-            path: if path.is_empty() { "<resource>".to_owned() } else { path.to_owned() },
+            path: if path.is_empty() {
+                "<resource>".to_owned()
+            } else {
+                path.to_owned()
+            },
             message: message.into(),
         });
     }
@@ -232,7 +276,11 @@ impl<'e> Ctx<'e> {
 
 /// `parent.field` (or `field` at the top).
 pub(crate) fn at(path: &str, field: &str) -> String {
-    if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") }
+    if path.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{path}.{field}")
+    }
 }
 
 /// `parent.field[i]`.
@@ -253,10 +301,17 @@ macro_rules! reject_set {
 pub(crate) use reject_set;
 
 /// Converts an optional proto Duration. Negative or out-of-range durations are errors.
-pub(crate) fn duration(cx: &mut Ctx<'_>, path: &str, d: &Option<pbuf::Duration>) -> Option<std::time::Duration> {
+pub(crate) fn duration(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    d: &Option<pbuf::Duration>,
+) -> Option<std::time::Duration> {
     let d = d.as_ref()?;
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
-        cx.err(path, format!("invalid duration {}s {}ns", d.seconds, d.nanos));
+        cx.err(
+            path,
+            format!("invalid duration {}s {}ns", d.seconds, d.nanos),
+        );
         return None;
     }
     Some(std::time::Duration::new(d.seconds as u64, d.nanos as u32))
@@ -276,9 +331,16 @@ pub(crate) fn timeout_with_default(
 }
 
 /// Decodes a `typed_config` Any as `M`, with an error naming the expected type.
-pub(crate) fn decode_typed<M: Message + Name + Default>(cx: &mut Ctx<'_>, path: &str, any: &pbuf::Any) -> Option<M> {
+pub(crate) fn decode_typed<M: Message + Name + Default>(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    any: &pbuf::Any,
+) -> Option<M> {
     if any.type_url != M::type_url() {
-        cx.err(path, format!("expected {}, got {:?}", M::type_url(), any.type_url));
+        cx.err(
+            path,
+            format!("expected {}, got {:?}", M::type_url(), any.type_url),
+        );
         return None;
     }
     match M::decode(&*any.value) {
@@ -295,10 +357,17 @@ pub(crate) fn decode_typed<M: Message + Name + Default>(cx: &mut Ctx<'_>, path: 
 pub(crate) fn check_config_source(cx: &mut Ctx<'_>, path: &str, src: &Option<core::ConfigSource>) {
     use core::config_source::ConfigSourceSpecifier as S;
     let Some(src) = src else { return };
-    let core::ConfigSource { authorities, initial_fetch_timeout, resource_api_version, config_source_specifier } = src;
+    let core::ConfigSource {
+        authorities,
+        initial_fetch_timeout,
+        resource_api_version,
+        config_source_specifier,
+    } = src;
     reject_set!(cx, path, authorities);
     let _ = initial_fetch_timeout; // how long the client waits before giving up: ADS client policy, not config
-    if *resource_api_version != core::ApiVersion::V3 as i32 && *resource_api_version != core::ApiVersion::Auto as i32 {
+    if *resource_api_version != core::ApiVersion::V3 as i32
+        && *resource_api_version != core::ApiVersion::Auto as i32
+    {
         cx.err(&at(path, "resource_api_version"), "only V3 is supported");
     }
     match config_source_specifier {
@@ -311,12 +380,23 @@ pub(crate) fn check_config_source(cx: &mut Ctx<'_>, path: &str, src: &Option<cor
 }
 
 /// Compiles an RE2-style pattern for a full match, as Envoy's `safe_regex` matchers do.
-pub(crate) fn full_match_regex(cx: &mut Ctx<'_>, path: &str, pattern: &str, ignore_case: bool) -> Option<regex::Regex> {
+pub(crate) fn full_match_regex(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    pattern: &str,
+    ignore_case: bool,
+) -> Option<regex::Regex> {
     let anchored = format!("^(?:{pattern})$");
-    match regex::RegexBuilder::new(&anchored).case_insensitive(ignore_case).build() {
+    match regex::RegexBuilder::new(&anchored)
+        .case_insensitive(ignore_case)
+        .build()
+    {
         Ok(re) => Some(re),
         Err(e) => {
-            cx.err(path, format!("regex parse error: {}", one_line(&e.to_string())));
+            cx.err(
+                path,
+                format!("regex parse error: {}", one_line(&e.to_string())),
+            );
             None
         }
     }
@@ -327,7 +407,10 @@ pub(crate) fn search_regex(cx: &mut Ctx<'_>, path: &str, pattern: &str) -> Optio
     match regex::Regex::new(pattern) {
         Ok(re) => Some(re),
         Err(e) => {
-            cx.err(path, format!("regex parse error: {}", one_line(&e.to_string())));
+            cx.err(
+                path,
+                format!("regex parse error: {}", one_line(&e.to_string())),
+            );
             None
         }
     }
@@ -347,15 +430,31 @@ fn one_line(s: &str) -> String {
 pub fn from_xds(res: &XdsResources, version: &str) -> Result<Config, XdsErrors> {
     let mut errors = Vec::new();
 
-    check_unique(&mut errors, ResourceKind::Listener, res.listeners.iter().map(|l| l.name.as_str()));
-    check_unique(&mut errors, ResourceKind::RouteConfiguration, res.route_configs.iter().map(|r| r.name.as_str()));
-    check_unique(&mut errors, ResourceKind::Cluster, res.clusters.iter().map(|c| c.name.as_str()));
+    check_unique(
+        &mut errors,
+        ResourceKind::Listener,
+        res.listeners.iter().map(|l| l.name.as_str()),
+    );
+    check_unique(
+        &mut errors,
+        ResourceKind::RouteConfiguration,
+        res.route_configs.iter().map(|r| r.name.as_str()),
+    );
+    check_unique(
+        &mut errors,
+        ResourceKind::Cluster,
+        res.clusters.iter().map(|c| c.name.as_str()),
+    );
     check_unique(
         &mut errors,
         ResourceKind::ClusterLoadAssignment,
         res.load_assignments.iter().map(|c| c.cluster_name.as_str()),
     );
-    check_unique(&mut errors, ResourceKind::Secret, res.secrets.iter().map(|s| s.name.as_str()));
+    check_unique(
+        &mut errors,
+        ResourceKind::Secret,
+        res.secrets.iter().map(|s| s.name.as_str()),
+    );
 
     // Secrets first: listeners resolve SDS names against them.
     let mut secrets = HashMap::new();
@@ -368,7 +467,12 @@ pub fn from_xds(res: &XdsResources, version: &str) -> Result<Config, XdsErrors> 
     // Load assignments, keyed by cluster (service) name.
     let mut assignments = HashMap::new();
     for (i, cla) in res.load_assignments.iter().enumerate() {
-        let mut cx = Ctx::new(ResourceKind::ClusterLoadAssignment, &cla.cluster_name, i, &mut errors);
+        let mut cx = Ctx::new(
+            ResourceKind::ClusterLoadAssignment,
+            &cla.cluster_name,
+            i,
+            &mut errors,
+        );
         if let Some(eps) = cluster::load_assignment(&mut cx, "", cla) {
             assignments.insert(cla.cluster_name.clone(), eps);
         }
@@ -394,18 +498,31 @@ pub fn from_xds(res: &XdsResources, version: &str) -> Result<Config, XdsErrors> 
     let rds_names: HashSet<&str> = res.route_configs.iter().map(|r| r.name.as_str()).collect();
     let mut listeners = Vec::new();
     let mut addresses = HashMap::new();
-    let env = listener::Env { secrets: &secrets, clusters: &cluster_names, rds_names: &rds_names };
+    let env = listener::Env {
+        secrets: &secrets,
+        clusters: &cluster_names,
+        rds_names: &rds_names,
+    };
     for (i, l) in res.listeners.iter().enumerate() {
         let mut cx = Ctx::new(ResourceKind::Listener, &l.name, i, &mut errors);
         if let Some((l, inline_routes)) = listener::listener(&mut cx, l, &env) {
             if let Some(other) = addresses.insert(l.address, l.name.clone()) {
-                cx.err("address", format!("{} is also the address of listener {other:?}", l.address));
+                cx.err(
+                    "address",
+                    format!("{} is also the address of listener {other:?}", l.address),
+                );
             }
             for rc in inline_routes {
-                if route_configs.iter().any(|r: &biplane_config::RouteConfig| r.name == rc.name) {
+                if route_configs
+                    .iter()
+                    .any(|r: &biplane_config::RouteConfig| r.name == rc.name)
+                {
                     cx.err(
                         "filter_chains",
-                        format!("inline route_config {:?} has the name of another route configuration", rc.name),
+                        format!(
+                            "inline route_config {:?} has the name of another route configuration",
+                            rc.name
+                        ),
                     );
                 }
                 route_configs.push(rc);
@@ -415,13 +532,22 @@ pub fn from_xds(res: &XdsResources, version: &str) -> Result<Config, XdsErrors> 
     }
 
     if errors.is_empty() {
-        Ok(Config { version: version.to_owned(), listeners, route_configs, clusters })
+        Ok(Config {
+            version: version.to_owned(),
+            listeners,
+            route_configs,
+            clusters,
+        })
     } else {
         Err(XdsErrors(errors))
     }
 }
 
-fn check_unique<'a>(errors: &mut Vec<XdsError>, kind: ResourceKind, names: impl Iterator<Item = &'a str>) {
+fn check_unique<'a>(
+    errors: &mut Vec<XdsError>,
+    kind: ResourceKind,
+    names: impl Iterator<Item = &'a str>,
+) {
     let mut seen = HashSet::new();
     for (i, name) in names.enumerate() {
         let mut cx = Ctx::new(kind, name, i, errors);

@@ -19,7 +19,10 @@ pub enum StaticError {
     #[error("no Gateway in the file")]
     NoGateway,
     #[error("Gateway {wanted:?} not found; the file has: {}", list(.available))]
-    GatewayNotFound { wanted: String, available: Vec<String> },
+    GatewayNotFound {
+        wanted: String,
+        available: Vec<String>,
+    },
     #[error("the file has several Gateways, choose one: {}", list(.available))]
     AmbiguousGateway { available: Vec<String> },
     #[error("{0}")]
@@ -48,7 +51,11 @@ pub fn static_xds(
 
 /// Compiles a static resource file into the proxy's config, for the Gateway named
 /// `gateway` (`name` or `namespace/name`), or the only Gateway of the file.
-pub fn compile_static(text: &str, gateway: Option<&str>, opts: &TranslateOptions) -> Result<Config, StaticError> {
+pub fn compile_static(
+    text: &str,
+    gateway: Option<&str>,
+    opts: &TranslateOptions,
+) -> Result<Config, StaticError> {
     let (_, _, xds) = static_xds(text, gateway, opts)?;
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
@@ -57,10 +64,19 @@ pub fn compile_static(text: &str, gateway: Option<&str>, opts: &TranslateOptions
     from_xds(&xds, &version).map_err(StaticError::Xds)
 }
 
-fn select_gateway(set: &api::ResourceSet, wanted: Option<&str>) -> Result<(String, String), StaticError> {
-    let all: Vec<(String, String)> =
-        set.gateways().map(|g| (g.metadata.namespace().to_owned(), g.metadata.name.clone())).collect();
-    let names = || all.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>();
+fn select_gateway(
+    set: &api::ResourceSet,
+    wanted: Option<&str>,
+) -> Result<(String, String), StaticError> {
+    let all: Vec<(String, String)> = set
+        .gateways()
+        .map(|g| (g.metadata.namespace().to_owned(), g.metadata.name.clone()))
+        .collect();
+    let names = || {
+        all.iter()
+            .map(|(ns, n)| format!("{ns}/{n}"))
+            .collect::<Vec<_>>()
+    };
     match wanted {
         None => match all.as_slice() {
             [] => Err(StaticError::NoGateway),
@@ -74,7 +90,10 @@ fn select_gateway(set: &api::ResourceSet, wanted: Option<&str>) -> Result<(Strin
             };
             match hits.as_slice() {
                 [one] => Ok((*one).clone()),
-                [] => Err(StaticError::GatewayNotFound { wanted: w.to_owned(), available: names() }),
+                [] => Err(StaticError::GatewayNotFound {
+                    wanted: w.to_owned(),
+                    available: names(),
+                }),
                 _ => Err(StaticError::AmbiguousGateway {
                     available: hits.iter().map(|(ns, n)| format!("{ns}/{n}")).collect(),
                 }),

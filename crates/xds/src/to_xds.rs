@@ -34,7 +34,9 @@ pub struct TranslateOptions {
 
 impl Default for TranslateOptions {
     fn default() -> Self {
-        Self { bind_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) }
+        Self {
+            bind_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        }
     }
 }
 
@@ -54,8 +56,15 @@ pub enum TranslateError {
         other: String,
         other_protocol: &'static str,
     },
-    #[error("Backend {backend}: spec.endpoints[{index}].address: cannot resolve {address:?} to an IP address: {message}")]
-    EndpointResolution { backend: String, index: usize, address: String, message: String },
+    #[error(
+        "Backend {backend}: spec.endpoints[{index}].address: cannot resolve {address:?} to an IP address: {message}"
+    )]
+    EndpointResolution {
+        backend: String,
+        index: usize,
+        address: String,
+        message: String,
+    },
 }
 
 /// Every problem found translating one Gateway. Displays one per line.
@@ -97,9 +106,19 @@ pub fn to_xds(
     opts: &TranslateOptions,
 ) -> Result<XdsResources, TranslateErrors> {
     let gw = set.gateway(namespace, name).ok_or_else(|| {
-        TranslateErrors(vec![TranslateError::GatewayNotFound { namespace: namespace.to_owned(), name: name.to_owned() }])
+        TranslateErrors(vec![TranslateError::GatewayNotFound {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }])
     })?;
-    let mut t = Translator { set, gw, opts, errors: Vec::new(), backends: BTreeMap::new(), secrets: BTreeMap::new() };
+    let mut t = Translator {
+        set,
+        gw,
+        opts,
+        errors: Vec::new(),
+        backends: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+    };
     let mut out = XdsResources::default();
 
     // Gateway listeners grouped by port, in first-appearance order.
@@ -119,11 +138,11 @@ pub fn to_xds(
 
     let backends = std::mem::take(&mut t.backends);
     for ((ns, bname), use_) in backends {
-        if let Some(b) = set.backend(&ns, &bname) {
-            if let Some((c, cla)) = t.cluster(b, use_) {
-                out.clusters.push(c);
-                out.load_assignments.push(cla);
-            }
+        if let Some(b) = set.backend(&ns, &bname)
+            && let Some((c, cla)) = t.cluster(b, use_)
+        {
+            out.clusters.push(c);
+            out.load_assignments.push(cla);
         }
     }
     for ((ns, sname), s) in std::mem::take(&mut t.secrets) {
@@ -136,7 +155,11 @@ pub fn to_xds(
             })),
         });
     }
-    if t.errors.is_empty() { Ok(out) } else { Err(TranslateErrors(t.errors)) }
+    if t.errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(TranslateErrors(t.errors))
+    }
 }
 
 /// How a Backend is used by the Gateway's routes.
@@ -184,7 +207,11 @@ impl<'a> Translator<'a> {
         format!("{}/{}", self.gw.metadata.namespace(), self.gw.metadata.name)
     }
 
-    fn port(&mut self, port: u16, listeners: &[usize]) -> Option<(lv3::Listener, Vec<rv3::RouteConfiguration>)> {
+    fn port(
+        &mut self,
+        port: u16,
+        listeners: &[usize],
+    ) -> Option<(lv3::Listener, Vec<rv3::RouteConfiguration>)> {
         use api::ProtocolType as P;
         let gl = &self.gw.spec.listeners;
         // Port sharing: HTTP alone, HTTPS and TLS together, TCP alone.
@@ -197,7 +224,8 @@ impl<'a> Translator<'a> {
         let mut ok = Vec::new();
         for &i in listeners {
             let l = &gl[i];
-            let conflict = class(l.protocol) != class(first.protocol) || (l.protocol == P::Tcp && i != listeners[0]);
+            let conflict = class(l.protocol) != class(first.protocol)
+                || (l.protocol == P::Tcp && i != listeners[0]);
             if conflict {
                 self.errors.push(TranslateError::ListenerConflict {
                     gateway: self.gw_name(),
@@ -229,24 +257,29 @@ impl<'a> Translator<'a> {
                 let l = &gl[ok[0]];
                 let attached = self.set.attached_routes(self.gw, &l.name);
                 // One TCPRoute per TCP listener: the oldest attached one.
-                if let Some(a) = attached.first() {
-                    if let Some(proxy) = self.tcp_proxy(&format!("tcp-{port}"), a.route) {
-                        chains.push(lv3::FilterChain {
-                            name: format!("tcp-{port}-{}", l.name),
-                            filters: vec![tcp_filter(&proxy)],
-                            ..Default::default()
-                        });
-                    }
+                if let Some(a) = attached.first()
+                    && let Some(proxy) = self.tcp_proxy(&format!("tcp-{port}"), a.route)
+                {
+                    chains.push(lv3::FilterChain {
+                        name: format!("tcp-{port}-{}", l.name),
+                        filters: vec![tcp_filter(&proxy)],
+                        ..Default::default()
+                    });
                 }
             }
             P::Https | P::Tls => {
                 let mut seen_sni: HashSet<Option<String>> = HashSet::new();
                 for &i in &ok {
                     let l = &gl[i];
-                    let terminate = l.tls.as_ref().map_or(api::TlsModeType::Terminate, |t| t.mode());
+                    let terminate = l
+                        .tls
+                        .as_ref()
+                        .map_or(api::TlsModeType::Terminate, |t| t.mode());
                     match (l.protocol, terminate) {
                         (P::Https, _) => {
-                            let Some(ts) = self.downstream_tls(l) else { continue };
+                            let Some(ts) = self.downstream_tls(l) else {
+                                continue;
+                            };
                             if !seen_sni.insert(l.hostname.clone()) {
                                 continue;
                             }
@@ -254,9 +287,14 @@ impl<'a> Translator<'a> {
                             route_configs.push(self.route_configuration(&rc_name, &[l]));
                             chains.push(lv3::FilterChain {
                                 name: format!("https-{port}-{}", l.name),
-                                filter_chain_match: Some(tls_match(l.hostname.iter().cloned().collect())),
+                                filter_chain_match: Some(tls_match(
+                                    l.hostname.iter().cloned().collect(),
+                                )),
                                 transport_socket: Some(ts),
-                                filters: vec![hcm_filter(&format!("https-{port}-{}", l.name), &rc_name)],
+                                filters: vec![hcm_filter(
+                                    &format!("https-{port}-{}", l.name),
+                                    &rc_name,
+                                )],
                                 ..Default::default()
                             });
                         }
@@ -270,7 +308,9 @@ impl<'a> Translator<'a> {
                             };
                             for a in self.set.attached_routes(self.gw, &l.name) {
                                 let hosts: Vec<Option<String>> = match &a.hostnames {
-                                    api::HostnameIntersection::Hostnames(h) => h.iter().cloned().map(Some).collect(),
+                                    api::HostnameIntersection::Hostnames(h) => {
+                                        h.iter().cloned().map(Some).collect()
+                                    }
                                     _ => vec![None],
                                 };
                                 // The oldest route wins a hostname.
@@ -279,15 +319,21 @@ impl<'a> Translator<'a> {
                                     .filter(|h| seen_sni.insert(h.clone()))
                                     .flatten()
                                     .collect();
-                                let any_host = matches!(a.hostnames, api::HostnameIntersection::Any);
+                                let any_host =
+                                    matches!(a.hostnames, api::HostnameIntersection::Any);
                                 if fresh.is_empty() && !any_host {
                                     continue;
                                 }
                                 let key = a.route.key();
                                 let stat = format!("tls-{port}-{}", l.name);
-                                let Some(proxy) = self.tcp_proxy(&stat, a.route) else { continue };
+                                let Some(proxy) = self.tcp_proxy(&stat, a.route) else {
+                                    continue;
+                                };
                                 chains.push(lv3::FilterChain {
-                                    name: format!("tls-{port}-{}-{}/{}", l.name, key.namespace, key.name),
+                                    name: format!(
+                                        "tls-{port}-{}-{}/{}",
+                                        l.name, key.namespace, key.name
+                                    ),
                                     filter_chain_match: Some(tls_match(fresh)),
                                     transport_socket: ts.clone(),
                                     filters: vec![tcp_filter(&proxy)],
@@ -306,7 +352,9 @@ impl<'a> Translator<'a> {
             return None;
         }
         let needs_inspector = chains.iter().any(|c| {
-            c.filter_chain_match.as_ref().is_some_and(|m| !m.server_names.is_empty() || !m.transport_protocol.is_empty())
+            c.filter_chain_match
+                .as_ref()
+                .is_some_and(|m| !m.server_names.is_empty() || !m.transport_protocol.is_empty())
         });
         let listener = lv3::Listener {
             name: format!("listener-{port}"),
@@ -314,7 +362,9 @@ impl<'a> Translator<'a> {
             listener_filters: if needs_inspector {
                 vec![lv3::ListenerFilter {
                     name: "envoy.filters.listener.tls_inspector".into(),
-                    config_type: Some(lv3::listener_filter::ConfigType::TypedConfig(to_any(&TlsInspector::default()))),
+                    config_type: Some(lv3::listener_filter::ConfigType::TypedConfig(to_any(
+                        &TlsInspector::default(),
+                    ))),
                     ..Default::default()
                 }]
             } else {
@@ -338,7 +388,10 @@ impl<'a> Translator<'a> {
             let sns = c.namespace(ns);
             if let Some(s) = self.set.secret(sns, &c.name) {
                 self.secrets.insert((sns.to_owned(), c.name.clone()), s);
-                sds.push(tls::SdsSecretConfig { name: secret_name(sns, &c.name), sds_config: Some(ads()) });
+                sds.push(tls::SdsSecretConfig {
+                    name: secret_name(sns, &c.name),
+                    sds_config: Some(ads()),
+                });
             }
         }
         if sds.is_empty() {
@@ -358,7 +411,9 @@ impl<'a> Translator<'a> {
         };
         Some(core::TransportSocket {
             name: "envoy.transport_sockets.tls".into(),
-            config_type: Some(core::transport_socket::ConfigType::TypedConfig(to_any(&ctx))),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(to_any(
+                &ctx,
+            ))),
         })
     }
 
@@ -372,7 +427,10 @@ impl<'a> Translator<'a> {
                 if b.weight() == 0 {
                     continue;
                 }
-                let key = (backend.metadata.namespace().to_owned(), backend.metadata.name.clone());
+                let key = (
+                    backend.metadata.namespace().to_owned(),
+                    backend.metadata.name.clone(),
+                );
                 self.backends.entry(key.clone()).or_default();
                 clusters.push(tcp::tcp_proxy::weighted_cluster::ClusterWeight {
                     name: cluster_name(&key.0, &key.1),
@@ -384,14 +442,24 @@ impl<'a> Translator<'a> {
         let spec = match clusters.len() {
             0 => return None,
             1 => tcp::tcp_proxy::ClusterSpecifier::Cluster(clusters.remove(0).name),
-            _ => tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(tcp::tcp_proxy::WeightedCluster { clusters }),
+            _ => tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(
+                tcp::tcp_proxy::WeightedCluster { clusters },
+            ),
         };
-        Some(tcp::TcpProxy { stat_prefix: stat_prefix.to_owned(), cluster_specifier: Some(spec), ..Default::default() })
+        Some(tcp::TcpProxy {
+            stat_prefix: stat_prefix.to_owned(),
+            cluster_specifier: Some(spec),
+            ..Default::default()
+        })
     }
 
     /// One RouteConfiguration for the HTTP routes attached to `listeners`, virtual hosts by
     /// (intersected) hostname, routes in Gateway API precedence order.
-    fn route_configuration(&mut self, name: &str, listeners: &[&api::Listener]) -> rv3::RouteConfiguration {
+    fn route_configuration(
+        &mut self,
+        name: &str,
+        listeners: &[&api::Listener],
+    ) -> rv3::RouteConfiguration {
         let mut hosts: Vec<(String, Vec<Entry>)> = Vec::new();
         for l in listeners {
             for a in self.set.attached_routes(self.gw, &l.name) {
@@ -418,7 +486,10 @@ impl<'a> Translator<'a> {
                     // A route attached through two listeners of the port appears once.
                     for e in &entries {
                         if !list.iter().any(|x| x.route.name == e.route.name) {
-                            list.push(Entry { key: e.key.clone(), route: e.route.clone() });
+                            list.push(Entry {
+                                key: e.key.clone(),
+                                route: e.route.clone(),
+                            });
                         }
                     }
                 }
@@ -452,7 +523,8 @@ impl<'a> Translator<'a> {
             for (mi, m) in rule.effective_matches().iter().enumerate() {
                 let pm = m.path_match();
                 let (path_kind, path_spec) = path_specifier(&pm);
-                let mut headers: Vec<rv3::HeaderMatcher> = m.headers.iter().map(header_matcher).collect();
+                let mut headers: Vec<rv3::HeaderMatcher> =
+                    m.headers.iter().map(header_matcher).collect();
                 if let Some(method) = m.method {
                     headers.push(exact_header(":method", method.as_str()));
                 }
@@ -462,7 +534,9 @@ impl<'a> Translator<'a> {
                     .map(|q| rv3::QueryParameterMatcher {
                         name: q.name.clone(),
                         query_parameter_match_specifier: Some(
-                            rv3::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(q)),
+                            rv3::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                                string_matcher(q),
+                            ),
                         ),
                     })
                     .collect();
@@ -499,18 +573,27 @@ impl<'a> Translator<'a> {
         let full_name = format!("{ns}/{}", r.metadata.name);
         let mut out = Vec::new();
         for (ri, rule) in r.spec.rules.iter().enumerate() {
-            let matches = if rule.matches.is_empty() { vec![api::GrpcRouteMatch::default()] } else { rule.matches.clone() };
+            let matches = if rule.matches.is_empty() {
+                vec![api::GrpcRouteMatch::default()]
+            } else {
+                rule.matches.clone()
+            };
             for (mi, m) in matches.iter().enumerate() {
                 let (path_kind, path_len, path_spec) = grpc_path(m.method.as_ref());
-                let mut headers: Vec<rv3::HeaderMatcher> = m.headers.iter().map(header_matcher).collect();
+                let mut headers: Vec<rv3::HeaderMatcher> =
+                    m.headers.iter().map(header_matcher).collect();
                 headers.push(rv3::HeaderMatcher {
                     name: "content-type".into(),
-                    header_match_specifier: Some(rv3::header_matcher::HeaderMatchSpecifier::StringMatch(
-                        matcher::StringMatcher {
-                            ignore_case: false,
-                            match_pattern: Some(matcher::string_matcher::MatchPattern::Prefix("application/grpc".into())),
-                        },
-                    )),
+                    header_match_specifier: Some(
+                        rv3::header_matcher::HeaderMatchSpecifier::StringMatch(
+                            matcher::StringMatcher {
+                                ignore_case: false,
+                                match_pattern: Some(matcher::string_matcher::MatchPattern::Prefix(
+                                    "application/grpc".into(),
+                                )),
+                            },
+                        ),
+                    ),
                     ..Default::default()
                 });
                 let key = PrecedenceKey {
@@ -526,7 +609,11 @@ impl<'a> Translator<'a> {
                 };
                 let mut route = rv3::Route {
                     name: format!("grpcroute/{full_name}/rule/{ri}/match/{mi}"),
-                    r#match: Some(rv3::RouteMatch { path_specifier: Some(path_spec), headers, ..Default::default() }),
+                    r#match: Some(rv3::RouteMatch {
+                        path_specifier: Some(path_spec),
+                        headers,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 };
                 // GRPCRoute filters are the two header modifiers, shaped as HTTPRoute's.
@@ -554,7 +641,13 @@ impl<'a> Translator<'a> {
                     backend_refs: rule.backend_refs.clone(),
                     timeouts: None,
                 };
-                self.http_rule_action(&mut route, ns, &http_rule, &api::HttpPathMatch::default(), true);
+                self.http_rule_action(
+                    &mut route,
+                    ns,
+                    &http_rule,
+                    &api::HttpPathMatch::default(),
+                    true,
+                );
                 out.push(Entry { key, route });
             }
         }
@@ -601,14 +694,23 @@ impl<'a> Translator<'a> {
         let mut clusters = Vec::new();
         let mut hash = Vec::new();
         for b in &rule.backend_refs {
-            let Ok(backend) = self.set.resolve_backend(ns, b) else { continue };
+            let Ok(backend) = self.set.resolve_backend(ns, b) else {
+                continue;
+            };
             if b.weight() == 0 {
                 continue;
             }
-            let key = (backend.metadata.namespace().to_owned(), backend.metadata.name.clone());
+            let key = (
+                backend.metadata.namespace().to_owned(),
+                backend.metadata.name.clone(),
+            );
             let u = self.backends.entry(key.clone()).or_default();
             u.grpc |= grpc;
-            if let Some(h) = backend.spec.hash_on().filter(|_| backend.spec.load_balancer_type().is_hash()) {
+            if let Some(h) = backend
+                .spec
+                .hash_on()
+                .filter(|_| backend.spec.load_balancer_type().is_hash())
+            {
                 let policy = hash_policy(&h);
                 if !hash.contains(&policy) {
                     hash.push(policy);
@@ -621,17 +723,22 @@ impl<'a> Translator<'a> {
             });
         }
         if clusters.is_empty() {
-            route.action = Some(rv3::route::Action::DirectResponse(rv3::DirectResponseAction {
-                status: 500,
-                body: Some(inline(BACKEND_NOT_FOUND_BODY)),
-                body_format: None,
-            }));
+            route.action = Some(rv3::route::Action::DirectResponse(
+                rv3::DirectResponseAction {
+                    status: 500,
+                    body: Some(inline(BACKEND_NOT_FOUND_BODY)),
+                    body_format: None,
+                },
+            ));
             return;
         }
         let spec = if clusters.len() == 1 {
             rv3::route_action::ClusterSpecifier::Cluster(clusters.remove(0).name)
         } else {
-            rv3::route_action::ClusterSpecifier::WeightedClusters(rv3::WeightedCluster { clusters, ..Default::default() })
+            rv3::route_action::ClusterSpecifier::WeightedClusters(rv3::WeightedCluster {
+                clusters,
+                ..Default::default()
+            })
         };
         for h in &mut hash {
             h.terminal = true;
@@ -640,11 +747,17 @@ impl<'a> Translator<'a> {
         let mut ra = rv3::RouteAction {
             cluster_specifier: Some(spec),
             // No timeouts.request: no limit (Envoy's implicit 15 s would cut streams).
-            timeout: Some(duration(timeouts.and_then(|t| t.request.as_ref()).map_or(Duration::ZERO, |d| d.as_std()))),
-            retry_policy: timeouts.and_then(|t| t.backend_request.as_ref()).map(|d| rv3::RetryPolicy {
-                num_retries: Some(pbuf::UInt32Value { value: 0 }),
-                per_try_timeout: Some(duration(d.as_std())),
-                ..Default::default()
+            timeout: Some(duration(
+                timeouts
+                    .and_then(|t| t.request.as_ref())
+                    .map_or(Duration::ZERO, |d| d.as_std()),
+            )),
+            retry_policy: timeouts.and_then(|t| t.backend_request.as_ref()).map(|d| {
+                rv3::RetryPolicy {
+                    num_retries: Some(pbuf::UInt32Value { value: 0 }),
+                    per_try_timeout: Some(duration(d.as_std())),
+                    ..Default::default()
+                }
             }),
             hash_policy: hash,
             upgrade_configs: Vec::new(),
@@ -652,7 +765,9 @@ impl<'a> Translator<'a> {
         };
         if let Some(rw) = rewrite {
             if let Some(h) = &rw.hostname {
-                ra.host_rewrite_specifier = Some(rv3::route_action::HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
+                ra.host_rewrite_specifier = Some(
+                    rv3::route_action::HostRewriteSpecifier::HostRewriteLiteral(h.clone()),
+                );
             }
             if let Some(p) = &rw.path {
                 match p.modifier_type {
@@ -668,7 +783,10 @@ impl<'a> Translator<'a> {
                         if with == "/" && !prefix.is_empty() {
                             // `/foo/bar` with prefix `/foo` → `/bar`, not `//bar`.
                             ra.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
-                                pattern: Some(regex_matcher(&format!("^{}/*", regex::escape(prefix)))),
+                                pattern: Some(regex_matcher(&format!(
+                                    "^{}/*",
+                                    regex::escape(prefix)
+                                ))),
                                 substitution: "/".into(),
                             });
                         } else {
@@ -681,7 +799,11 @@ impl<'a> Translator<'a> {
         route.action = Some(rv3::route::Action::Route(ra));
     }
 
-    fn cluster(&mut self, b: &api::Backend, u: BackendUse) -> Option<(cv3::Cluster, ev3::ClusterLoadAssignment)> {
+    fn cluster(
+        &mut self,
+        b: &api::Backend,
+        u: BackendUse,
+    ) -> Option<(cv3::Cluster, ev3::ClusterLoadAssignment)> {
         use api::LoadBalancerType as L;
         let name = cluster_name(b.metadata.namespace(), &b.metadata.name);
         let mut lb_endpoints = Vec::new();
@@ -691,7 +813,10 @@ impl<'a> Translator<'a> {
             }
             let addr = match e.ip() {
                 Some(ip) => SocketAddr::new(ip, e.port),
-                None => match (e.address.as_str(), e.port).to_socket_addrs().map(|mut a| a.next()) {
+                None => match (e.address.as_str(), e.port)
+                    .to_socket_addrs()
+                    .map(|mut a| a.next())
+                {
                     Ok(Some(a)) => a,
                     Ok(None) => {
                         self.resolution_error(b, i, e, "no address found".into());
@@ -707,7 +832,11 @@ impl<'a> Translator<'a> {
                 load_balancing_weight: Some(pbuf::UInt32Value { value: e.weight() }),
                 host_identifier: Some(ev3::lb_endpoint::HostIdentifier::Endpoint(ev3::Endpoint {
                     address: Some(socket_address(addr)),
-                    hostname: if e.ip().is_none() { e.address.clone() } else { String::new() },
+                    hostname: if e.ip().is_none() {
+                        e.address.clone()
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -740,8 +869,13 @@ impl<'a> Translator<'a> {
         }
         let cluster = cv3::Cluster {
             name: name.clone(),
-            cluster_discovery_type: Some(cv3::cluster::ClusterDiscoveryType::Type(cv3::cluster::DiscoveryType::Eds as i32)),
-            eds_cluster_config: Some(cv3::cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
+            cluster_discovery_type: Some(cv3::cluster::ClusterDiscoveryType::Type(
+                cv3::cluster::DiscoveryType::Eds as i32,
+            )),
+            eds_cluster_config: Some(cv3::cluster::EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: String::new(),
+            }),
             connect_timeout: Some(duration(b.spec.connect_timeout())),
             lb_policy: lb_policy as i32,
             typed_extension_protocol_options,
@@ -749,13 +883,22 @@ impl<'a> Translator<'a> {
         };
         let cla = ev3::ClusterLoadAssignment {
             cluster_name: name,
-            endpoints: vec![ev3::LocalityLbEndpoints { lb_endpoints, ..Default::default() }],
+            endpoints: vec![ev3::LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         Some((cluster, cla))
     }
 
-    fn resolution_error(&mut self, b: &api::Backend, index: usize, e: &api::Endpoint, message: String) {
+    fn resolution_error(
+        &mut self,
+        b: &api::Backend,
+        index: usize,
+        e: &api::Endpoint,
+        message: String,
+    ) {
         self.errors.push(TranslateError::EndpointResolution {
             backend: format!("{}/{}", b.metadata.namespace(), b.metadata.name),
             index,
@@ -768,43 +911,61 @@ impl<'a> Translator<'a> {
 fn ads() -> core::ConfigSource {
     core::ConfigSource {
         resource_api_version: core::ApiVersion::V3 as i32,
-        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(Default::default())),
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            Default::default(),
+        )),
         ..Default::default()
     }
 }
 
 fn inline(s: &str) -> core::DataSource {
-    core::DataSource { watched_directory: None, specifier: Some(core::data_source::Specifier::InlineString(s.to_owned())) }
+    core::DataSource {
+        watched_directory: None,
+        specifier: Some(core::data_source::Specifier::InlineString(s.to_owned())),
+    }
 }
 
 fn duration(d: Duration) -> pbuf::Duration {
-    pbuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    pbuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 fn socket_address(a: SocketAddr) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
             address: a.ip().to_string(),
-            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(a.port()))),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
             ..Default::default()
         })),
     }
 }
 
 fn tls_match(server_names: Vec<String>) -> lv3::FilterChainMatch {
-    lv3::FilterChainMatch { server_names, transport_protocol: "tls".into(), ..Default::default() }
+    lv3::FilterChainMatch {
+        server_names,
+        transport_protocol: "tls".into(),
+        ..Default::default()
+    }
 }
 
 fn hcm_filter(stat_prefix: &str, route_config_name: &str) -> lv3::Filter {
     let h = hcm::HttpConnectionManager {
         stat_prefix: stat_prefix.to_owned(),
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            config_source: Some(ads()),
-            route_config_name: route_config_name.to_owned(),
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: route_config_name.to_owned(),
+            },
+        )),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(to_any(&Router::default()))),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(to_any(
+                &Router::default(),
+            ))),
             ..Default::default()
         }],
         use_remote_address: Some(pbuf::BoolValue { value: true }),
@@ -821,11 +982,17 @@ fn hcm_filter(stat_prefix: &str, route_config_name: &str) -> lv3::Filter {
 }
 
 fn tcp_filter(p: &tcp::TcpProxy) -> lv3::Filter {
-    lv3::Filter { name: "envoy.filters.network.tcp_proxy".into(), config_type: Some(lv3::filter::ConfigType::TypedConfig(to_any(p))) }
+    lv3::Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(lv3::filter::ConfigType::TypedConfig(to_any(p))),
+    }
 }
 
 fn regex_matcher(r: &str) -> matcher::RegexMatcher {
-    matcher::RegexMatcher { regex: r.to_owned(), engine_type: None }
+    matcher::RegexMatcher {
+        regex: r.to_owned(),
+        engine_type: None,
+    }
 }
 
 /// Gateway API path match → (precedence class, Envoy path specifier). `PathPrefix` is
@@ -837,7 +1004,11 @@ fn path_specifier(pm: &api::HttpPathMatch) -> (u8, rv3::route_match::PathSpecifi
         api::PathMatchType::Exact => (0, P::Path(v.to_owned())),
         api::PathMatchType::PathPrefix => {
             let trimmed = v.trim_end_matches('/');
-            if trimmed.is_empty() { (1, P::Prefix("/".into())) } else { (1, P::PathSeparatedPrefix(trimmed.to_owned())) }
+            if trimmed.is_empty() {
+                (1, P::Prefix("/".into()))
+            } else {
+                (1, P::PathSeparatedPrefix(trimmed.to_owned()))
+            }
         }
         api::PathMatchType::RegularExpression => (2, P::SafeRegex(regex_matcher(v))),
     }
@@ -846,7 +1017,9 @@ fn path_specifier(pm: &api::HttpPathMatch) -> (u8, rv3::route_match::PathSpecifi
 /// GRPCRoute method match → (precedence class, length, path specifier).
 fn grpc_path(m: Option<&api::GrpcMethodMatch>) -> (u8, usize, rv3::route_match::PathSpecifier) {
     use rv3::route_match::PathSpecifier as P;
-    let Some(m) = m else { return (1, 1, P::Prefix("/".into())) };
+    let Some(m) = m else {
+        return (1, 1, P::Prefix("/".into()));
+    };
     let (svc, meth) = (m.service.as_deref(), m.method.as_deref());
     match (m.match_type(), svc, meth) {
         (api::HeaderMatchType::Exact, Some(s), Some(me)) => {
@@ -871,16 +1044,25 @@ fn grpc_path(m: Option<&api::GrpcMethodMatch>) -> (u8, usize, rv3::route_match::
 
 fn string_matcher(h: &api::HeaderMatch) -> matcher::StringMatcher {
     let pattern = match h.match_type() {
-        api::HeaderMatchType::Exact => matcher::string_matcher::MatchPattern::Exact(h.value.clone()),
-        api::HeaderMatchType::RegularExpression => matcher::string_matcher::MatchPattern::SafeRegex(regex_matcher(&h.value)),
+        api::HeaderMatchType::Exact => {
+            matcher::string_matcher::MatchPattern::Exact(h.value.clone())
+        }
+        api::HeaderMatchType::RegularExpression => {
+            matcher::string_matcher::MatchPattern::SafeRegex(regex_matcher(&h.value))
+        }
     };
-    matcher::StringMatcher { ignore_case: false, match_pattern: Some(pattern) }
+    matcher::StringMatcher {
+        ignore_case: false,
+        match_pattern: Some(pattern),
+    }
 }
 
 fn header_matcher(h: &api::HeaderMatch) -> rv3::HeaderMatcher {
     rv3::HeaderMatcher {
         name: h.name.to_ascii_lowercase(),
-        header_match_specifier: Some(rv3::header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(h))),
+        header_match_specifier: Some(rv3::header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(h),
+        )),
         ..Default::default()
     }
 }
@@ -888,10 +1070,14 @@ fn header_matcher(h: &api::HeaderMatch) -> rv3::HeaderMatcher {
 fn exact_header(name: &str, value: &str) -> rv3::HeaderMatcher {
     rv3::HeaderMatcher {
         name: name.to_owned(),
-        header_match_specifier: Some(rv3::header_matcher::HeaderMatchSpecifier::StringMatch(matcher::StringMatcher {
-            ignore_case: false,
-            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(value.to_owned())),
-        })),
+        header_match_specifier: Some(rv3::header_matcher::HeaderMatchSpecifier::StringMatch(
+            matcher::StringMatcher {
+                ignore_case: false,
+                match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(
+                    value.to_owned(),
+                )),
+            },
+        )),
         ..Default::default()
     }
 }
@@ -899,18 +1085,31 @@ fn exact_header(name: &str, value: &str) -> rv3::HeaderMatcher {
 fn header_modifier(m: &api::HeaderModifier) -> (Vec<core::HeaderValueOption>, Vec<String>) {
     use core::header_value_option::HeaderAppendAction as A;
     let opt = |h: &api::HttpHeader, action: A| core::HeaderValueOption {
-        header: Some(core::HeaderValue { key: h.name.to_ascii_lowercase(), value: h.value.clone(), raw_value: Vec::new() }),
-        append: None,
+        header: Some(core::HeaderValue {
+            key: h.name.to_ascii_lowercase(),
+            value: h.value.clone(),
+            raw_value: Vec::new(),
+        }),
         append_action: action as i32,
         keep_empty_value: h.value.is_empty(),
+        ..Default::default()
     };
-    let mut add: Vec<_> = m.set.iter().map(|h| opt(h, A::OverwriteIfExistsOrAdd)).collect();
+    let mut add: Vec<_> = m
+        .set
+        .iter()
+        .map(|h| opt(h, A::OverwriteIfExistsOrAdd))
+        .collect();
     add.extend(m.add.iter().map(|h| opt(h, A::AppendIfExistsOrAdd)));
-    (add, m.remove.iter().map(|r| r.to_ascii_lowercase()).collect())
+    (
+        add,
+        m.remove.iter().map(|r| r.to_ascii_lowercase()).collect(),
+    )
 }
 
 fn redirect_action(rd: &api::RequestRedirect) -> rv3::RedirectAction {
-    use rv3::redirect_action::{PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S};
+    use rv3::redirect_action::{
+        PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S,
+    };
     let response_code = match rd.status_code() {
         301 => C::MovedPermanently,
         303 => C::SeeOther,
@@ -919,7 +1118,9 @@ fn redirect_action(rd: &api::RequestRedirect) -> rv3::RedirectAction {
         _ => C::Found,
     };
     let path = rd.path.as_ref().map(|p| match p.modifier_type {
-        api::PathModifierType::ReplaceFullPath => P::PathRedirect(p.replace_full_path.clone().unwrap_or_else(|| "/".into())),
+        api::PathModifierType::ReplaceFullPath => {
+            P::PathRedirect(p.replace_full_path.clone().unwrap_or_else(|| "/".into()))
+        }
         api::PathModifierType::ReplacePrefixMatch => {
             P::PrefixRewrite(p.replace_prefix_match.clone().unwrap_or_else(|| "/".into()))
         }
@@ -929,7 +1130,10 @@ fn redirect_action(rd: &api::RequestRedirect) -> rv3::RedirectAction {
         port_redirect: rd.port.map_or(0, u32::from),
         response_code: response_code as i32,
         strip_query: false,
-        scheme_rewrite_specifier: rd.scheme.as_ref().map(|s| S::SchemeRedirect(s.to_ascii_lowercase())),
+        scheme_rewrite_specifier: rd
+            .scheme
+            .as_ref()
+            .map(|s| S::SchemeRedirect(s.to_ascii_lowercase())),
         path_rewrite_specifier: path,
     }
 }
@@ -937,9 +1141,20 @@ fn redirect_action(rd: &api::RequestRedirect) -> rv3::RedirectAction {
 fn hash_policy(h: &api::HashKey) -> rv3::route_action::HashPolicy {
     use rv3::route_action::hash_policy::{self as hp, PolicySpecifier as S};
     let spec = match h {
-        api::HashKey::Header(n) => S::Header(hp::Header { header_name: n.to_ascii_lowercase(), regex_rewrite: None }),
-        api::HashKey::Cookie(n) => S::Cookie(hp::Cookie { name: n.clone(), ..Default::default() }),
-        api::HashKey::SourceIp => S::ConnectionProperties(hp::ConnectionProperties { source_ip: true }),
+        api::HashKey::Header(n) => S::Header(hp::Header {
+            header_name: n.to_ascii_lowercase(),
+            regex_rewrite: None,
+        }),
+        api::HashKey::Cookie(n) => S::Cookie(hp::Cookie {
+            name: n.clone(),
+            ..Default::default()
+        }),
+        api::HashKey::SourceIp => {
+            S::ConnectionProperties(hp::ConnectionProperties { source_ip: true })
+        }
     };
-    rv3::route_action::HashPolicy { terminal: false, policy_specifier: Some(spec) }
+    rv3::route_action::HashPolicy {
+        terminal: false,
+        policy_specifier: Some(spec),
+    }
 }

@@ -24,13 +24,18 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Envoy's default upstream idle timeout (`common_http_protocol_options.idle_timeout`).
 const DEFAULT_UPSTREAM_IDLE: Duration = Duration::from_secs(3600);
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 pub(super) fn cluster(
     cx: &mut Ctx<'_>,
     c: &cv3::Cluster,
     assignments: &HashMap<String, Vec<cfg::Endpoint>>,
 ) -> Option<cfg::Cluster> {
-    use cv3::cluster::{ClusterDiscoveryType as T, DiscoveryType as D, LbConfig as L, LbPolicy as P};
+    use cv3::cluster::{
+        ClusterDiscoveryType as T, DiscoveryType as D, LbConfig as L, LbPolicy as P,
+    };
     let start = cx.error_count();
     let cv3::Cluster {
         transport_socket_matches,
@@ -138,12 +143,22 @@ pub(super) fn cluster(
     let endpoints = match kind {
         Ok(D::Eds) => {
             if load_assignment.is_some() {
-                cx.err("load_assignment", "must be unset for an EDS cluster (endpoints come from EDS)");
+                cx.err(
+                    "load_assignment",
+                    "must be unset for an EDS cluster (endpoints come from EDS)",
+                );
             }
             let service = match eds_cluster_config {
-                Some(cv3::cluster::EdsClusterConfig { eds_config, service_name }) => {
+                Some(cv3::cluster::EdsClusterConfig {
+                    eds_config,
+                    service_name,
+                }) => {
                     check_config_source(cx, "eds_cluster_config.eds_config", eds_config);
-                    if service_name.is_empty() { name } else { service_name }
+                    if service_name.is_empty() {
+                        name
+                    } else {
+                        service_name
+                    }
                 }
                 None => name,
             };
@@ -169,7 +184,10 @@ pub(super) fn cluster(
             }
         }
         Ok(other) => {
-            cx.err("type", format!("{} is not supported (EDS or STATIC)", other.as_str_name()));
+            cx.err(
+                "type",
+                format!("{} is not supported (EDS or STATIC)", other.as_str_name()),
+            );
             None
         }
         Err(e) => {
@@ -190,50 +208,99 @@ pub(super) fn cluster(
 
     let lb = match (P::try_from(*lb_policy), lb_config) {
         (Ok(P::RoundRobin), None) => Some(cfg::LbPolicy::RoundRobin),
-        (Ok(P::RoundRobin), Some(L::RoundRobinLbConfig(cv3::cluster::RoundRobinLbConfig { slow_start_config }))) => {
+        (
+            Ok(P::RoundRobin),
+            Some(L::RoundRobinLbConfig(cv3::cluster::RoundRobinLbConfig { slow_start_config })),
+        ) => {
             reject_set!(cx, "round_robin_lb_config", slow_start_config);
             Some(cfg::LbPolicy::RoundRobin)
         }
         (Ok(P::LeastRequest), None) => Some(cfg::LbPolicy::LeastRequest),
         (Ok(P::LeastRequest), Some(L::LeastRequestLbConfig(lr))) => {
-            let cv3::cluster::LeastRequestLbConfig { choice_count, active_request_bias, slow_start_config } = lr;
-            reject_set!(cx, "least_request_lb_config", active_request_bias, slow_start_config);
+            let cv3::cluster::LeastRequestLbConfig {
+                choice_count,
+                active_request_bias,
+                slow_start_config,
+            } = lr;
+            reject_set!(
+                cx,
+                "least_request_lb_config",
+                active_request_bias,
+                slow_start_config
+            );
             // The proxy does power-of-two-choices, Envoy's default.
             if choice_count.as_ref().is_some_and(|c| c.value != 2) {
-                cx.err("least_request_lb_config.choice_count", "only 2 is supported");
+                cx.err(
+                    "least_request_lb_config.choice_count",
+                    "only 2 is supported",
+                );
             }
             Some(cfg::LbPolicy::LeastRequest)
         }
         (Ok(P::Random), None) => Some(cfg::LbPolicy::Random),
-        (Ok(P::RingHash), None) => Some(cfg::LbPolicy::RingHash { minimum_ring_size: 1024, maximum_ring_size: 8 * 1024 * 1024 }),
+        (Ok(P::RingHash), None) => Some(cfg::LbPolicy::RingHash {
+            minimum_ring_size: 1024,
+            maximum_ring_size: 8 * 1024 * 1024,
+        }),
         (Ok(P::RingHash), Some(L::RingHashLbConfig(rh))) => {
-            let cv3::cluster::RingHashLbConfig { minimum_ring_size, hash_function, maximum_ring_size } = rh;
+            let cv3::cluster::RingHashLbConfig {
+                minimum_ring_size,
+                hash_function,
+                maximum_ring_size,
+            } = rh;
             if *hash_function != cv3::cluster::ring_hash_lb_config::HashFunction::XxHash as i32 {
-                cx.err("ring_hash_lb_config.hash_function", "only XX_HASH is supported");
+                cx.err(
+                    "ring_hash_lb_config.hash_function",
+                    "only XX_HASH is supported",
+                );
             }
             let min = minimum_ring_size.as_ref().map_or(1024, |v| v.value);
-            let max = maximum_ring_size.as_ref().map_or(8 * 1024 * 1024, |v| v.value);
+            let max = maximum_ring_size
+                .as_ref()
+                .map_or(8 * 1024 * 1024, |v| v.value);
             if min == 0 || min > max || max > 8 * 1024 * 1024 {
-                cx.err("ring_hash_lb_config", format!("need 0 < minimum_ring_size ({min}) <= maximum_ring_size ({max}) <= 8M"));
+                cx.err(
+                    "ring_hash_lb_config",
+                    format!(
+                        "need 0 < minimum_ring_size ({min}) <= maximum_ring_size ({max}) <= 8M"
+                    ),
+                );
             }
-            Some(cfg::LbPolicy::RingHash { minimum_ring_size: min, maximum_ring_size: max })
+            Some(cfg::LbPolicy::RingHash {
+                minimum_ring_size: min,
+                maximum_ring_size: max,
+            })
         }
         (Ok(P::Maglev), None) => Some(cfg::LbPolicy::Maglev { table_size: 65537 }),
         (Ok(P::Maglev), Some(L::MaglevLbConfig(cv3::cluster::MaglevLbConfig { table_size }))) => {
             let size = table_size.as_ref().map_or(65537, |v| v.value);
             if !is_prime(size) || size > 5_000_011 {
-                cx.err("maglev_lb_config.table_size", format!("{size} must be a prime number <= 5000011"));
+                cx.err(
+                    "maglev_lb_config.table_size",
+                    format!("{size} must be a prime number <= 5000011"),
+                );
             }
             Some(cfg::LbPolicy::Maglev { table_size: size })
         }
-        (Ok(p), Some(_)) if matches!(p, P::RoundRobin | P::LeastRequest | P::Random | P::RingHash | P::Maglev) => {
-            cx.err("lb_config", format!("does not match lb_policy {}", p.as_str_name()));
+        (Ok(p), Some(_))
+            if matches!(
+                p,
+                P::RoundRobin | P::LeastRequest | P::Random | P::RingHash | P::Maglev
+            ) =>
+        {
+            cx.err(
+                "lb_config",
+                format!("does not match lb_policy {}", p.as_str_name()),
+            );
             None
         }
         (Ok(p), _) => {
             cx.err(
                 "lb_policy",
-                format!("{} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)", p.as_str_name()),
+                format!(
+                    "{} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
+                    p.as_str_name()
+                ),
             );
             None
         }
@@ -250,37 +317,57 @@ pub(super) fn cluster(
     if let Some(o) = http2_protocol_options {
         legacy = true;
         if *o != Default::default() {
-            cx.err("http2_protocol_options", "only an empty message (enable HTTP/2) is supported");
+            cx.err(
+                "http2_protocol_options",
+                "only an empty message (enable HTTP/2) is supported",
+            );
         }
         protocol = cfg::UpstreamProtocol::Http2;
     }
     if let Some(o) = http_protocol_options {
         legacy = true;
         if *o != Default::default() {
-            cx.err("http_protocol_options", "only an empty message is supported");
+            cx.err(
+                "http_protocol_options",
+                "only an empty message is supported",
+            );
         }
         if http2_protocol_options.is_some() {
-            cx.err("http_protocol_options", "mutually exclusive with http2_protocol_options");
+            cx.err(
+                "http_protocol_options",
+                "mutually exclusive with http2_protocol_options",
+            );
         }
     }
     if let Some(o) = common_http_protocol_options {
         legacy = true;
-        idle_timeout = http_protocol_options_idle(cx, "common_http_protocol_options", o, Some(DEFAULT_UPSTREAM_IDLE));
+        idle_timeout = http_protocol_options_idle(
+            cx,
+            "common_http_protocol_options",
+            o,
+            Some(DEFAULT_UPSTREAM_IDLE),
+        );
     }
     for (key, any) in typed_extension_protocol_options {
         let p = format!("typed_extension_protocol_options[{key:?}]");
         if key != HTTP_PROTOCOL_OPTIONS_KEY {
-            cx.err(&p, "not supported (only envoy.extensions.upstreams.http.v3.HttpProtocolOptions)");
+            cx.err(
+                &p,
+                "not supported (only envoy.extensions.upstreams.http.v3.HttpProtocolOptions)",
+            );
             continue;
         }
         if legacy {
-            cx.err(&p, "mutually exclusive with the deprecated cluster-level protocol options");
+            cx.err(
+                &p,
+                "mutually exclusive with the deprecated cluster-level protocol options",
+            );
         }
-        if let Some(o) = decode_typed::<uhttp::HttpProtocolOptions>(cx, &p, any) {
-            if let Some((proto, idle)) = upstream_http_options(cx, &p, &o) {
-                protocol = proto;
-                idle_timeout = idle;
-            }
+        if let Some(o) = decode_typed::<uhttp::HttpProtocolOptions>(cx, &p, any)
+            && let Some((proto, idle)) = upstream_http_options(cx, &p, &o)
+        {
+            protocol = proto;
+            idle_timeout = idle;
         }
     }
 
@@ -303,7 +390,8 @@ fn upstream_http_options(
     o: &uhttp::HttpProtocolOptions,
 ) -> Option<(cfg::UpstreamProtocol, Option<Duration>)> {
     use uhttp::http_protocol_options::{
-        ExplicitHttpConfig, UpstreamProtocolOptions as U, explicit_http_config::ProtocolConfig as PC,
+        ExplicitHttpConfig, UpstreamProtocolOptions as U,
+        explicit_http_config::ProtocolConfig as PC,
     };
     let uhttp::HttpProtocolOptions {
         common_http_protocol_options,
@@ -328,34 +416,47 @@ fn upstream_http_options(
         retry_policy,
     );
     let idle = match common_http_protocol_options {
-        Some(c) => http_protocol_options_idle(cx, &at(path, "common_http_protocol_options"), c, Some(DEFAULT_UPSTREAM_IDLE)),
+        Some(c) => http_protocol_options_idle(
+            cx,
+            &at(path, "common_http_protocol_options"),
+            c,
+            Some(DEFAULT_UPSTREAM_IDLE),
+        ),
         None => Some(DEFAULT_UPSTREAM_IDLE),
     };
     let p = at(path, "explicit_http_config");
     let proto = match upstream_protocol_options {
         None => cfg::UpstreamProtocol::Http1,
-        Some(U::ExplicitHttpConfig(ExplicitHttpConfig { protocol_config })) => match protocol_config {
-            Some(PC::HttpProtocolOptions(h1)) => {
-                if *h1 != Default::default() {
-                    cx.err(&at(&p, "http_protocol_options"), "only an empty message is supported");
+        Some(U::ExplicitHttpConfig(ExplicitHttpConfig { protocol_config })) => {
+            match protocol_config {
+                Some(PC::HttpProtocolOptions(h1)) => {
+                    if *h1 != Default::default() {
+                        cx.err(
+                            &at(&p, "http_protocol_options"),
+                            "only an empty message is supported",
+                        );
+                    }
+                    cfg::UpstreamProtocol::Http1
                 }
-                cfg::UpstreamProtocol::Http1
-            }
-            Some(PC::Http2ProtocolOptions(h2)) => {
-                if *h2 != Default::default() {
-                    cx.err(&at(&p, "http2_protocol_options"), "only an empty message is supported");
+                Some(PC::Http2ProtocolOptions(h2)) => {
+                    if *h2 != Default::default() {
+                        cx.err(
+                            &at(&p, "http2_protocol_options"),
+                            "only an empty message is supported",
+                        );
+                    }
+                    cfg::UpstreamProtocol::Http2
                 }
-                cfg::UpstreamProtocol::Http2
+                Some(PC::Http3ProtocolOptions(_)) => {
+                    cx.unsupported(&p, "http3_protocol_options");
+                    return None;
+                }
+                None => {
+                    cx.err(&p, "a protocol is required");
+                    return None;
+                }
             }
-            Some(PC::Http3ProtocolOptions(_)) => {
-                cx.unsupported(&p, "http3_protocol_options");
-                return None;
-            }
-            None => {
-                cx.err(&p, "a protocol is required");
-                return None;
-            }
-        },
+        }
         Some(U::UseDownstreamProtocolConfig(_)) => {
             cx.unsupported(path, "use_downstream_protocol_config");
             return None;
@@ -374,7 +475,7 @@ fn is_prime(n: u64) -> bool {
     }
     let mut d = 2;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -390,7 +491,12 @@ pub(super) fn load_assignment(
     cla: &ev3::ClusterLoadAssignment,
 ) -> Option<Vec<cfg::Endpoint>> {
     let start = cx.error_count();
-    let ev3::ClusterLoadAssignment { cluster_name: _, endpoints, named_endpoints, policy } = cla;
+    let ev3::ClusterLoadAssignment {
+        cluster_name: _,
+        endpoints,
+        named_endpoints,
+        policy,
+    } = cla;
     reject_set!(cx, path, named_endpoints);
     if let Some(ev3::cluster_load_assignment::Policy {
         drop_overloads,
@@ -399,7 +505,13 @@ pub(super) fn load_assignment(
         weighted_priority_health,
     }) = policy
     {
-        reject_set!(cx, &at(path, "policy"), drop_overloads, endpoint_stale_after, weighted_priority_health);
+        reject_set!(
+            cx,
+            &at(path, "policy"),
+            drop_overloads,
+            endpoint_stale_after,
+            weighted_priority_health
+        );
     }
     let mut out = Vec::new();
     for (i, loc) in endpoints.iter().enumerate() {
@@ -413,10 +525,22 @@ pub(super) fn load_assignment(
             proximity,
             lb_config,
         } = loc;
-        reject_set!(cx, &lp, load_balancing_weight, priority, proximity, lb_config);
+        reject_set!(
+            cx,
+            &lp,
+            load_balancing_weight,
+            priority,
+            proximity,
+            lb_config
+        );
         for (j, lbe) in lb_endpoints.iter().enumerate() {
             let ep = idx(&lp, "lb_endpoints", j);
-            let ev3::LbEndpoint { health_status, metadata: _, load_balancing_weight, host_identifier } = lbe;
+            let ev3::LbEndpoint {
+                health_status,
+                metadata: _,
+                load_balancing_weight,
+                host_identifier,
+            } = lbe;
             let weight = match load_balancing_weight {
                 None => 1,
                 Some(w) if w.value >= 1 => w.value,
@@ -452,7 +576,10 @@ pub(super) fn load_assignment(
                 Ok(H::Unknown | H::Healthy) => true,
                 Ok(_) => false,
                 Err(_) => {
-                    cx.err(&at(&ep, "health_status"), format!("unknown value {health_status}"));
+                    cx.err(
+                        &at(&ep, "health_status"),
+                        format!("unknown value {health_status}"),
+                    );
                     false
                 }
             };
@@ -470,7 +597,9 @@ pub(super) fn load_assignment(
 pub(super) fn secret(cx: &mut Ctx<'_>, s: &tls::Secret) -> Option<cfg::Certificate> {
     let tls::Secret { name, r#type } = s;
     match r#type {
-        Some(tls::secret::Type::TlsCertificate(c)) => tls_certificate(cx, "tls_certificate", name, c),
+        Some(tls::secret::Type::TlsCertificate(c)) => {
+            tls_certificate(cx, "tls_certificate", name, c)
+        }
         Some(_) => {
             cx.err("type", "only tls_certificate secrets are supported");
             None
@@ -534,14 +663,21 @@ pub(super) fn tls_certificate(
             Err(e) => cx.err(&at(path, "certificate_chain"), format!("invalid PEM: {e}")),
         }
     }
-    if let Some(key) = &key {
-        if let Err(e) = PrivateKeyDer::from_pem_slice(key.as_bytes()) {
-            // Never echo key material: only the parser's message.
-            cx.err(&at(path, "private_key"), format!("invalid PEM private key: {e}"));
-        }
+    if let Some(key) = &key
+        && let Err(e) = PrivateKeyDer::from_pem_slice(key.as_bytes())
+    {
+        // Never echo key material: only the parser's message.
+        cx.err(
+            &at(path, "private_key"),
+            format!("invalid PEM private key: {e}"),
+        );
     }
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::Certificate { name: name.to_owned(), cert_chain_pem: chain?, private_key_pem: key? })
+    Some(cfg::Certificate {
+        name: name.to_owned(),
+        cert_chain_pem: chain?,
+        private_key_pem: key?,
+    })
 }

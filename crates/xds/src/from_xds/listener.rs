@@ -34,7 +34,10 @@ const ONE_HOUR: Duration = Duration::from_secs(3600);
 const DEFAULT_MAX_HEADERS_KB: u32 = 60;
 const MAX_MAX_HEADERS_KB: u32 = 8192;
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 pub(super) fn listener(
     cx: &mut Ctx<'_>,
     l: &lv3::Listener,
@@ -153,10 +156,21 @@ pub(super) fn listener(
         return None;
     }
     let address = address?;
-    Some((cfg::Listener { name: name.clone(), address, filter_chains: chains }, inline_routes))
+    Some((
+        cfg::Listener {
+            name: name.clone(),
+            address,
+            filter_chains: chains,
+        },
+        inline_routes,
+    ))
 }
 
-pub(super) fn socket_address(cx: &mut Ctx<'_>, path: &str, a: &Option<core::Address>) -> Option<SocketAddr> {
+pub(super) fn socket_address(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    a: &Option<core::Address>,
+) -> Option<SocketAddr> {
     use core::address::Address as A;
     let Some(core::Address { address }) = a else {
         cx.err(path, "required");
@@ -178,9 +192,21 @@ pub(super) fn socket_address(cx: &mut Ctx<'_>, path: &str, a: &Option<core::Addr
         }
     };
     let p = at(path, "socket_address");
-    let core::SocketAddress { protocol, address, resolver_name, ipv4_compat, network_namespace_filepath, port_specifier } =
-        sa;
-    reject_set!(cx, &p, resolver_name, ipv4_compat, network_namespace_filepath);
+    let core::SocketAddress {
+        protocol,
+        address,
+        resolver_name,
+        ipv4_compat,
+        network_namespace_filepath,
+        port_specifier,
+    } = sa;
+    reject_set!(
+        cx,
+        &p,
+        resolver_name,
+        ipv4_compat,
+        network_namespace_filepath
+    );
     if *protocol != core::socket_address::Protocol::Tcp as i32 {
         cx.err(&at(&p, "protocol"), "only TCP is supported");
     }
@@ -212,10 +238,16 @@ pub(super) fn socket_address(cx: &mut Ctx<'_>, path: &str, a: &Option<core::Addr
 }
 
 fn listener_filter(cx: &mut Ctx<'_>, path: &str, lf: &lv3::ListenerFilter) {
-    let lv3::ListenerFilter { name, filter_disabled, config_type } = lf;
+    let lv3::ListenerFilter {
+        name,
+        filter_disabled,
+        config_type,
+    } = lf;
     reject_set!(cx, path, filter_disabled);
     match config_type {
-        Some(lv3::listener_filter::ConfigType::TypedConfig(any)) if any.type_url == TlsInspector::type_url() => {
+        Some(lv3::listener_filter::ConfigType::TypedConfig(any))
+            if any.type_url == TlsInspector::type_url() =>
+        {
             let p = at(path, "typed_config");
             if let Some(ti) = decode_typed::<TlsInspector>(cx, &p, any) {
                 let TlsInspector {
@@ -237,15 +269,26 @@ fn listener_filter(cx: &mut Ctx<'_>, path: &str, lf: &lv3::ListenerFilter) {
         }
         Some(lv3::listener_filter::ConfigType::TypedConfig(any)) => cx.err(
             &at(path, "typed_config"),
-            format!("listener filter {name:?} ({}) is not supported; only tls_inspector is", any.type_url),
+            format!(
+                "listener filter {name:?} ({}) is not supported; only tls_inspector is",
+                any.type_url
+            ),
         ),
-        Some(lv3::listener_filter::ConfigType::ConfigDiscovery(_)) => cx.unsupported(path, "config_discovery"),
+        Some(lv3::listener_filter::ConfigType::ConfigDiscovery(_)) => {
+            cx.unsupported(path, "config_discovery")
+        }
         None if name == "envoy.filters.listener.tls_inspector" => {}
-        None => cx.err(path, format!("listener filter {name:?} is not supported; only tls_inspector is")),
+        None => cx.err(
+            path,
+            format!("listener filter {name:?} is not supported; only tls_inspector is"),
+        ),
     }
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn filter_chain(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -267,8 +310,14 @@ fn filter_chain(
     reject_set!(cx, path, use_proxy_proto, transport_socket_connect_timeout);
 
     let matcher = chain_match(cx, &at(path, "filter_chain_match"), filter_chain_match);
-    let tls = transport_socket.as_ref().and_then(|ts| downstream_tls(cx, &at(path, "transport_socket"), ts, env));
-    let chain_name = if name.is_empty() { format!("{listener_name}/{index}") } else { name.clone() };
+    let tls = transport_socket
+        .as_ref()
+        .and_then(|ts| downstream_tls(cx, &at(path, "transport_socket"), ts, env));
+    let chain_name = if name.is_empty() {
+        format!("{listener_name}/{index}")
+    } else {
+        name.clone()
+    };
 
     let mut handler = None;
     let mut inline_route = None;
@@ -283,26 +332,38 @@ fn filter_chain(
     }
     if let Some(f) = filters.first() {
         let fp = idx(path, "filters", 0);
-        let lv3::Filter { name: fname, config_type } = f;
+        let lv3::Filter {
+            name: fname,
+            config_type,
+        } = f;
         match config_type {
             Some(lv3::filter::ConfigType::TypedConfig(any)) => {
                 let tp = at(&fp, "typed_config");
                 if any.type_url == hcm::HttpConnectionManager::type_url() {
-                    if let Some(h) = decode_typed::<hcm::HttpConnectionManager>(cx, &tp, any) {
-                        if let Some((h, inline)) = http_connection_manager(cx, &tp, &chain_name, &h, env) {
-                            handler = Some(cfg::ChainHandler::Http(h));
-                            inline_route = inline;
-                        }
+                    if let Some(h) = decode_typed::<hcm::HttpConnectionManager>(cx, &tp, any)
+                        && let Some((h, inline)) =
+                            http_connection_manager(cx, &tp, &chain_name, &h, env)
+                    {
+                        handler = Some(cfg::ChainHandler::Http(h));
+                        inline_route = inline;
                     }
                 } else if any.type_url == tcp::TcpProxy::type_url() {
                     if let Some(t) = decode_typed::<tcp::TcpProxy>(cx, &tp, any) {
                         handler = tcp_proxy(cx, &tp, &t, env).map(cfg::ChainHandler::Tcp);
                     }
                 } else {
-                    cx.err(&tp, format!("network filter {fname:?} ({}) is not supported", any.type_url));
+                    cx.err(
+                        &tp,
+                        format!(
+                            "network filter {fname:?} ({}) is not supported",
+                            any.type_url
+                        ),
+                    );
                 }
             }
-            Some(lv3::filter::ConfigType::ConfigDiscovery(_)) => cx.unsupported(&fp, "config_discovery"),
+            Some(lv3::filter::ConfigType::ConfigDiscovery(_)) => {
+                cx.unsupported(&fp, "config_discovery")
+            }
             None => cx.err(&fp, "typed_config is required"),
         }
     }
@@ -310,11 +371,25 @@ fn filter_chain(
         return None;
     }
     let handler = handler?;
-    Some((cfg::FilterChain { name: chain_name, matcher: matcher?, tls, handler }, inline_route))
+    Some((
+        cfg::FilterChain {
+            name: chain_name,
+            matcher: matcher?,
+            tls,
+            handler,
+        },
+        inline_route,
+    ))
 }
 
-fn chain_match(cx: &mut Ctx<'_>, path: &str, m: &Option<lv3::FilterChainMatch>) -> Option<cfg::ChainMatch> {
-    let Some(m) = m else { return Some(cfg::ChainMatch::default()) };
+fn chain_match(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    m: &Option<lv3::FilterChainMatch>,
+) -> Option<cfg::ChainMatch> {
+    let Some(m) = m else {
+        return Some(cfg::ChainMatch::default());
+    };
     let lv3::FilterChainMatch {
         destination_port,
         prefix_ranges,
@@ -346,7 +421,10 @@ fn chain_match(cx: &mut Ctx<'_>, path: &str, m: &Option<lv3::FilterChainMatch>) 
         "tls" => Some(true),
         "raw_buffer" => Some(false),
         other => {
-            cx.err(&at(path, "transport_protocol"), format!("{other:?} is not supported (tls or raw_buffer)"));
+            cx.err(
+                &at(path, "transport_protocol"),
+                format!("{other:?} is not supported (tls or raw_buffer)"),
+            );
             None
         }
     };
@@ -359,21 +437,33 @@ fn chain_match(cx: &mut Ctx<'_>, path: &str, m: &Option<lv3::FilterChainMatch>) 
                 None => !n.contains('*'),
             };
         if !valid {
-            cx.err(&idx(path, "server_names", i), format!("{n:?} is not a host name or a leading `*.` wildcard"));
+            cx.err(
+                &idx(path, "server_names", i),
+                format!("{n:?} is not a host name or a leading `*.` wildcard"),
+            );
         }
         names.push(n);
     }
-    Some(cfg::ChainMatch { server_names: names, tls })
+    Some(cfg::ChainMatch {
+        server_names: names,
+        tls,
+    })
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn downstream_tls(
     cx: &mut Ctx<'_>,
     path: &str,
     ts: &core::TransportSocket,
     env: &Env<'_>,
 ) -> Option<cfg::TlsTermination> {
-    let core::TransportSocket { name: _, config_type } = ts;
+    let core::TransportSocket {
+        name: _,
+        config_type,
+    } = ts;
     let any = match config_type {
         Some(core::transport_socket::ConfigType::TypedConfig(any)) => any,
         None => {
@@ -398,7 +488,10 @@ fn downstream_tls(
         session_ticket_keys_type,
     } = &ctx;
     if require_client_certificate.as_ref().is_some_and(|b| b.value) {
-        cx.err(&at(&tp, "require_client_certificate"), "client certificates are not supported");
+        cx.err(
+            &at(&tp, "require_client_certificate"),
+            "client certificates are not supported",
+        );
     }
     if require_sni.as_ref().is_some_and(|b| b.value) {
         cx.unsupported(&tp, "require_sni");
@@ -459,18 +552,30 @@ fn downstream_tls(
         match env.secrets.get(name) {
             Some(Some(c)) => certificates.push(c.clone()),
             Some(None) => {}
-            None => cx.err(&at(&p, "name"), format!("secret {name:?} is not among the Secret resources")),
+            None => cx.err(
+                &at(&p, "name"),
+                format!("secret {name:?} is not among the Secret resources"),
+            ),
         }
     }
-    if certificates.is_empty() && tls_certificates.is_empty() && tls_certificate_sds_secret_configs.is_empty() {
+    if certificates.is_empty()
+        && tls_certificates.is_empty()
+        && tls_certificate_sds_secret_configs.is_empty()
+    {
         cx.err(&cp, "at least one certificate (tls_certificates or tls_certificate_sds_secret_configs) is required");
     }
     for (i, a) in alpn_protocols.iter().enumerate() {
         if !matches!(a.as_str(), "h2" | "http/1.1") {
-            cx.err(&idx(&cp, "alpn_protocols", i), format!("{a:?} is not supported (h2, http/1.1)"));
+            cx.err(
+                &idx(&cp, "alpn_protocols", i),
+                format!("{a:?} is not supported (h2, http/1.1)"),
+            );
         }
     }
-    Some(cfg::TlsTermination { certificates, alpn: alpn_protocols.clone() })
+    Some(cfg::TlsTermination {
+        certificates,
+        alpn: alpn_protocols.clone(),
+    })
 }
 
 fn tls_parameters(cx: &mut Ctx<'_>, path: &str, p: &tls::TlsParameters) {
@@ -483,17 +588,33 @@ fn tls_parameters(cx: &mut Ctx<'_>, path: &str, p: &tls::TlsParameters) {
         signature_algorithms,
         compliance_policies,
     } = p;
-    reject_set!(cx, path, cipher_suites, ecdh_curves, signature_algorithms, compliance_policies);
+    reject_set!(
+        cx,
+        path,
+        cipher_suites,
+        ecdh_curves,
+        signature_algorithms,
+        compliance_policies
+    );
     // The proxy (rustls) speaks TLS 1.2 and 1.3.
     if ![V::TlsAuto as i32, V::TlSv12 as i32].contains(tls_minimum_protocol_version) {
-        cx.err(&at(path, "tls_minimum_protocol_version"), "only TLS_AUTO or TLSv1_2 is supported");
+        cx.err(
+            &at(path, "tls_minimum_protocol_version"),
+            "only TLS_AUTO or TLSv1_2 is supported",
+        );
     }
     if ![V::TlsAuto as i32, V::TlSv13 as i32].contains(tls_maximum_protocol_version) {
-        cx.err(&at(path, "tls_maximum_protocol_version"), "only TLS_AUTO or TLSv1_3 is supported");
+        cx.err(
+            &at(path, "tls_maximum_protocol_version"),
+            "only TLS_AUTO or TLSv1_3 is supported",
+        );
     }
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn http_connection_manager(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -612,20 +733,34 @@ fn http_connection_manager(
         forward_proto_config,
     );
     if *codec_type != hcm::http_connection_manager::CodecType::Auto as i32 {
-        cx.err(&at(path, "codec_type"), "only AUTO is supported (HTTP/1.1 and HTTP/2 are both served)");
+        cx.err(
+            &at(path, "codec_type"),
+            "only AUTO is supported (HTTP/1.1 and HTTP/2 are both served)",
+        );
     }
     // Empty protocol option messages change nothing; anything inside them is unsupported.
-    if http_protocol_options.as_ref().is_some_and(|o| *o != Default::default()) {
+    if http_protocol_options
+        .as_ref()
+        .is_some_and(|o| *o != Default::default())
+    {
         cx.unsupported(path, "http_protocol_options");
     }
-    if http2_protocol_options.as_ref().is_some_and(|o| *o != Default::default()) {
+    if http2_protocol_options
+        .as_ref()
+        .is_some_and(|o| *o != Default::default())
+    {
         cx.unsupported(path, "http2_protocol_options");
     }
 
     // HTTP filters: only the router, last.
     for (i, f) in http_filters.iter().enumerate() {
         let p = idx(path, "http_filters", i);
-        let hcm::HttpFilter { name, is_optional: _, disabled, config_type } = f;
+        let hcm::HttpFilter {
+            name,
+            is_optional: _,
+            disabled,
+            config_type,
+        } = f;
         let is_router = match config_type {
             Some(hcm::http_filter::ConfigType::TypedConfig(any)) => {
                 if any.type_url == Router::type_url() {
@@ -636,7 +771,10 @@ fn http_connection_manager(
                 } else {
                     cx.err(
                         &at(&p, "typed_config"),
-                        format!("http filter {name:?} ({}) is not supported; only the router is", any.type_url),
+                        format!(
+                            "http filter {name:?} ({}) is not supported; only the router is",
+                            any.type_url
+                        ),
                     );
                     false
                 }
@@ -647,7 +785,10 @@ fn http_connection_manager(
             }
             None if name == "envoy.filters.http.router" => true,
             None => {
-                cx.err(&p, format!("http filter {name:?} is not supported; only the router is"));
+                cx.err(
+                    &p,
+                    format!("http filter {name:?} is not supported; only the router is"),
+                );
                 false
             }
         };
@@ -661,11 +802,20 @@ fn http_connection_manager(
 
     for (i, u) in upgrade_configs.iter().enumerate() {
         let p = idx(path, "upgrade_configs", i);
-        let hcm::http_connection_manager::UpgradeConfig { upgrade_type, filters, enabled } = u;
+        let hcm::http_connection_manager::UpgradeConfig {
+            upgrade_type,
+            filters,
+            enabled,
+        } = u;
         reject_set!(cx, &p, filters);
         // The proxy always passes WebSocket upgrades through; it cannot turn them off.
-        if !upgrade_type.eq_ignore_ascii_case("websocket") || enabled.as_ref().is_some_and(|e| !e.value) {
-            cx.err(&p, format!("only an enabled `websocket` upgrade is supported, got {upgrade_type:?}"));
+        if !upgrade_type.eq_ignore_ascii_case("websocket")
+            || enabled.as_ref().is_some_and(|e| !e.value)
+        {
+            cx.err(
+                &p,
+                format!("only an enabled `websocket` upgrade is supported, got {upgrade_type:?}"),
+            );
         }
     }
 
@@ -674,19 +824,30 @@ fn http_connection_manager(
         let p = at(path, "common_http_protocol_options");
         idle_timeout = http_protocol_options_idle(cx, &p, o, Some(ONE_HOUR));
     }
-    let request_headers_timeout = timeout_with_default(cx, &at(path, "request_headers_timeout"), request_headers_timeout, None);
+    let request_headers_timeout = timeout_with_default(
+        cx,
+        &at(path, "request_headers_timeout"),
+        request_headers_timeout,
+        None,
+    );
     let max_request_headers_kb = match max_request_headers_kb {
         None => DEFAULT_MAX_HEADERS_KB,
         Some(v) if (1..=MAX_MAX_HEADERS_KB).contains(&v.value) => v.value,
         Some(v) => {
-            cx.err(&at(path, "max_request_headers_kb"), format!("{} is out of range 1..={MAX_MAX_HEADERS_KB}", v.value));
+            cx.err(
+                &at(path, "max_request_headers_kb"),
+                format!("{} is out of range 1..={MAX_MAX_HEADERS_KB}", v.value),
+            );
             DEFAULT_MAX_HEADERS_KB
         }
     };
 
     let mut inline = None;
     let route_config_name = match route_specifier {
-        Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds { config_source, route_config_name })) => {
+        Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            config_source,
+            route_config_name,
+        })) => {
             let p = at(path, "rds");
             check_config_source(cx, &at(&p, "config_source"), config_source);
             if !env.rds_names.contains(route_config_name.as_str()) {
@@ -733,10 +894,13 @@ fn http_connection_manager(
     ))
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn router(cx: &mut Ctx<'_>, path: &str, r: &Router) {
     let Router {
-        dynamic_stats: _,          // stats detail only
+        dynamic_stats: _, // stats detail only
         start_child_span,
         upstream_log,
         upstream_log_options,
@@ -791,8 +955,16 @@ pub(super) fn http_protocol_options_idle(
     timeout_with_default(cx, &at(path, "idle_timeout"), idle_timeout, default)
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
-fn tcp_proxy(cx: &mut Ctx<'_>, path: &str, t: &tcp::TcpProxy, env: &Env<'_>) -> Option<cfg::TcpProxy> {
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
+fn tcp_proxy(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    t: &tcp::TcpProxy,
+    env: &Env<'_>,
+) -> Option<cfg::TcpProxy> {
     let start = cx.error_count();
     let tcp::TcpProxy {
         stat_prefix,
@@ -844,22 +1016,33 @@ fn tcp_proxy(cx: &mut Ctx<'_>, path: &str, t: &tcp::TcpProxy, env: &Env<'_>) -> 
     if max_connect_attempts.as_ref().is_some_and(|v| v.value != 1) {
         cx.err(&at(path, "max_connect_attempts"), "only 1 is supported");
     }
-    let idle_timeout = timeout_with_default(cx, &at(path, "idle_timeout"), idle_timeout, Some(ONE_HOUR));
+    let idle_timeout =
+        timeout_with_default(cx, &at(path, "idle_timeout"), idle_timeout, Some(ONE_HOUR));
     let mut clusters = Vec::new();
     match cluster_specifier {
         Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) => {
             check_cluster_ref(cx, &at(path, "cluster"), c, env);
-            clusters.push(cfg::WeightedCluster { name: c.clone(), weight: 1 });
+            clusters.push(cfg::WeightedCluster {
+                name: c.clone(),
+                weight: 1,
+            });
         }
         Some(tcp::tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
             let p = at(path, "weighted_clusters");
             let tcp::tcp_proxy::WeightedCluster { clusters: list } = w;
             for (i, cw) in list.iter().enumerate() {
                 let cp = idx(&p, "clusters", i);
-                let tcp::tcp_proxy::weighted_cluster::ClusterWeight { name, weight, metadata_match } = cw;
+                let tcp::tcp_proxy::weighted_cluster::ClusterWeight {
+                    name,
+                    weight,
+                    metadata_match,
+                } = cw;
                 reject_set!(cx, &cp, metadata_match);
                 check_cluster_ref(cx, &at(&cp, "name"), name, env);
-                clusters.push(cfg::WeightedCluster { name: name.clone(), weight: *weight });
+                clusters.push(cfg::WeightedCluster {
+                    name: name.clone(),
+                    weight: *weight,
+                });
             }
             if clusters.iter().map(|c| u64::from(c.weight)).sum::<u64>() == 0 {
                 cx.err(&at(&p, "clusters"), "weights must sum to more than 0");
@@ -870,11 +1053,18 @@ fn tcp_proxy(cx: &mut Ctx<'_>, path: &str, t: &tcp::TcpProxy, env: &Env<'_>) -> 
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::TcpProxy { stat_prefix: stat_prefix.clone(), clusters, idle_timeout })
+    Some(cfg::TcpProxy {
+        stat_prefix: stat_prefix.clone(),
+        clusters,
+        idle_timeout,
+    })
 }
 
 fn check_cluster_ref(cx: &mut Ctx<'_>, path: &str, name: &str, env: &Env<'_>) {
     if !env.clusters.contains(name) {
-        cx.err(path, format!("cluster {name:?} is not among the Cluster resources"));
+        cx.err(
+            path,
+            format!("cluster {name:?} is not among the Cluster resources"),
+        );
     }
 }

@@ -10,7 +10,9 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as rv3;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
-use super::{Ctx, at, duration, full_match_regex, idx, reject_set, search_regex, timeout_with_default};
+use super::{
+    Ctx, at, duration, full_match_regex, idx, reject_set, search_regex, timeout_with_default,
+};
 
 /// Envoy's default route timeout when `timeout` is unset.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,7 +64,9 @@ pub(super) fn route_configuration(
         typed_per_filter_config,
         route_specifiers,
     );
-    let max_body = max_direct_response_body_size_bytes.as_ref().map_or(DEFAULT_MAX_DIRECT_BODY, |v| v.value);
+    let max_body = max_direct_response_body_size_bytes
+        .as_ref()
+        .map_or(DEFAULT_MAX_DIRECT_BODY, |v| v.value);
     let mut domains_seen = HashSet::new();
     let mut vhosts = Vec::new();
     for (i, vh) in virtual_hosts.iter().enumerate() {
@@ -70,7 +74,10 @@ pub(super) fn route_configuration(
         if let Some(vh) = virtual_host(cx, &p, vh, clusters, max_body) {
             for (j, d) in vh.domains.iter().enumerate() {
                 if !domains_seen.insert(d.clone()) {
-                    cx.err(&idx(&p, "domains", j), format!("domain {d:?} appears in more than one virtual host"));
+                    cx.err(
+                        &idx(&p, "domains", j),
+                        format!("domain {d:?} appears in more than one virtual host"),
+                    );
                 }
             }
             vhosts.push(vh);
@@ -79,10 +86,16 @@ pub(super) fn route_configuration(
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::RouteConfig { name: name.clone(), virtual_hosts: vhosts })
+    Some(cfg::RouteConfig {
+        name: name.clone(),
+        virtual_hosts: vhosts,
+    })
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn virtual_host(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -169,10 +182,17 @@ fn virtual_host(
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::VirtualHost { name: name.clone(), domains: out_domains, routes: out_routes })
+    Some(cfg::VirtualHost {
+        name: name.clone(),
+        domains: out_domains,
+        routes: out_routes,
+    })
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn route(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -218,8 +238,14 @@ fn route(
             None
         }
     };
-    let request_headers =
-        header_mutation(cx, path, request_headers_to_add, request_headers_to_remove, "request_headers_to_add", "request_headers_to_remove");
+    let request_headers = header_mutation(
+        cx,
+        path,
+        request_headers_to_add,
+        request_headers_to_remove,
+        "request_headers_to_add",
+        "request_headers_to_remove",
+    );
     let response_headers = header_mutation(
         cx,
         path,
@@ -230,12 +256,16 @@ fn route(
     );
     let action = match action {
         Some(rv3::route::Action::Route(ra)) => {
-            route_action(cx, &at(path, "route"), ra, matcher.as_ref(), clusters).map(cfg::RouteAction::Forward)
+            route_action(cx, &at(path, "route"), ra, matcher.as_ref(), clusters)
+                .map(cfg::RouteAction::Forward)
         }
         Some(rv3::route::Action::Redirect(ra)) => {
-            redirect(cx, &at(path, "redirect"), ra, matcher.as_ref()).map(cfg::RouteAction::Redirect)
+            redirect(cx, &at(path, "redirect"), ra, matcher.as_ref())
+                .map(cfg::RouteAction::Redirect)
         }
-        Some(rv3::route::Action::DirectResponse(d)) => direct_response(cx, &at(path, "direct_response"), d, max_body),
+        Some(rv3::route::Action::DirectResponse(d)) => {
+            direct_response(cx, &at(path, "direct_response"), d, max_body)
+        }
         Some(rv3::route::Action::FilterAction(_)) => {
             cx.unsupported(path, "filter_action");
             None
@@ -245,15 +275,28 @@ fn route(
             None
         }
         None => {
-            cx.err(path, "an action (route, redirect or direct_response) is required");
+            cx.err(
+                path,
+                "an action (route, redirect or direct_response) is required",
+            );
             None
         }
     };
     if cx.error_count() > start {
         return None;
     }
-    let name = if name.is_empty() { format!("{vhost}/{index}") } else { name.clone() };
-    Some(cfg::Route { name, matcher: matcher?, request_headers, response_headers, action: action? })
+    let name = if name.is_empty() {
+        format!("{vhost}/{index}")
+    } else {
+        name.clone()
+    };
+    Some(cfg::Route {
+        name,
+        matcher: matcher?,
+        request_headers,
+        response_headers,
+        action: action?,
+    })
 }
 
 /// What the path part of an Envoy match became (rewrites depend on it).
@@ -271,9 +314,21 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
         filter_state,
         path_specifier,
     } = m;
-    reject_set!(cx, path, runtime_fraction, cookies, grpc, tls_context, dynamic_metadata, filter_state);
+    reject_set!(
+        cx,
+        path,
+        runtime_fraction,
+        cookies,
+        grpc,
+        tls_context,
+        dynamic_metadata,
+        filter_state
+    );
     if case_sensitive.as_ref().is_some_and(|b| !b.value) {
-        cx.err(&at(path, "case_sensitive"), "case-insensitive path matching is not supported");
+        cx.err(
+            &at(path, "case_sensitive"),
+            "case-insensitive path matching is not supported",
+        );
     }
     let p = match path_specifier {
         Some(P::Prefix(p)) => {
@@ -281,10 +336,15 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
             // Envoy's `prefix` is a plain string prefix. The config's Prefix is a
             // segment-boundary prefix; they agree for "/" and for prefixes ending in "/".
             if p.is_empty() || p.ends_with('/') {
-                Some(cfg::PathMatch::Prefix(if p.is_empty() { "/".to_owned() } else { p.clone() }))
+                Some(cfg::PathMatch::Prefix(if p.is_empty() {
+                    "/".to_owned()
+                } else {
+                    p.clone()
+                }))
             } else {
                 let pattern = format!("{}.*", regex::escape(p));
-                full_match_regex(cx, &at(path, "prefix"), &format!("(?s){pattern}"), false).map(cfg::PathMatch::Regex)
+                full_match_regex(cx, &at(path, "prefix"), &format!("(?s){pattern}"), false)
+                    .map(cfg::PathMatch::Regex)
             }
         }
         Some(P::PathSeparatedPrefix(p)) => {
@@ -310,21 +370,32 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
             None
         }
         None => {
-            cx.err(path, "a path specifier (prefix, path, safe_regex or path_separated_prefix) is required");
+            cx.err(
+                path,
+                "a path specifier (prefix, path, safe_regex or path_separated_prefix) is required",
+            );
             None
         }
     };
-    let mut out = cfg::RouteMatch { path: p.unwrap_or_default(), ..Default::default() };
+    let mut out = cfg::RouteMatch {
+        path: p.unwrap_or_default(),
+        ..Default::default()
+    };
     for (i, h) in headers.iter().enumerate() {
         let hp = idx(path, "headers", i);
         if let Some(hm) = header_matcher(cx, &hp, h) {
             if hm.name == ":method" {
                 match (&hm.value, hm.invert, &out.method) {
-                    (cfg::StringMatch::Exact(m), false, None) => out.method = Some(m.to_ascii_uppercase()),
+                    (cfg::StringMatch::Exact(m), false, None) => {
+                        out.method = Some(m.to_ascii_uppercase())
+                    }
                     _ => cx.err(&hp, "`:method` supports one exact, non-inverted match"),
                 }
             } else if hm.name.starts_with(':') {
-                cx.err(&at(&hp, "name"), format!("matching on pseudo-header {:?} is not supported", hm.name));
+                cx.err(
+                    &at(&hp, "name"),
+                    format!("matching on pseudo-header {:?} is not supported", hm.name),
+                );
             } else {
                 out.headers.push(hm);
             }
@@ -332,7 +403,10 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
     }
     for (i, q) in query_parameters.iter().enumerate() {
         let qp = idx(path, "query_parameters", i);
-        let rv3::QueryParameterMatcher { name, query_parameter_match_specifier } = q;
+        let rv3::QueryParameterMatcher {
+            name,
+            query_parameter_match_specifier,
+        } = q;
         use rv3::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
         if name.is_empty() {
             cx.err(&at(&qp, "name"), "must not be empty");
@@ -341,7 +415,10 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
             Some(Q::StringMatch(sm)) => string_matcher(cx, &at(&qp, "string_match"), sm),
             Some(Q::PresentMatch(true)) => Some(cfg::StringMatch::Present),
             Some(Q::PresentMatch(false)) => {
-                cx.err(&at(&qp, "present_match"), "`false` (parameter absent) is not supported");
+                cx.err(
+                    &at(&qp, "present_match"),
+                    "`false` (parameter absent) is not supported",
+                );
                 None
             }
             None => {
@@ -350,7 +427,10 @@ fn route_match(cx: &mut Ctx<'_>, path: &str, m: &rv3::RouteMatch) -> Option<cfg:
             }
         };
         if let Some(value) = value {
-            out.query_params.push(cfg::QueryParamMatch { name: name.clone(), value });
+            out.query_params.push(cfg::QueryParamMatch {
+                name: name.clone(),
+                value,
+            });
         }
     }
     Some(out)
@@ -365,10 +445,22 @@ fn check_path(cx: &mut Ctx<'_>, path: &str, p: &str) {
     }
 }
 
-#[allow(deprecated, reason = "the deprecated header match forms are still accepted, as Envoy does")]
-fn header_matcher(cx: &mut Ctx<'_>, path: &str, h: &rv3::HeaderMatcher) -> Option<cfg::HeaderMatch> {
+#[allow(
+    deprecated,
+    reason = "the deprecated header match forms are still accepted, as Envoy does"
+)]
+fn header_matcher(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    h: &rv3::HeaderMatcher,
+) -> Option<cfg::HeaderMatch> {
     use rv3::header_matcher::HeaderMatchSpecifier as H;
-    let rv3::HeaderMatcher { name, invert_match, treat_missing_header_as_empty, header_match_specifier } = h;
+    let rv3::HeaderMatcher {
+        name,
+        invert_match,
+        treat_missing_header_as_empty,
+        header_match_specifier,
+    } = h;
     reject_set!(cx, path, treat_missing_header_as_empty);
     let name = name.to_ascii_lowercase();
     if name.is_empty() || !name.bytes().all(|b| b == b':' || is_token_byte(b)) {
@@ -386,30 +478,55 @@ fn header_matcher(cx: &mut Ctx<'_>, path: &str, h: &rv3::HeaderMatcher) -> Optio
         Some(H::StringMatch(sm)) => string_matcher(cx, &at(path, "string_match"), sm),
         Some(H::ExactMatch(v)) => Some(cfg::StringMatch::Exact(v.clone())),
         Some(H::PrefixMatch(v)) => Some(cfg::StringMatch::Prefix(v.clone())),
-        Some(H::SafeRegexMatch(re)) => regex_matcher(cx, &at(path, "safe_regex_match"), re, false).map(cfg::StringMatch::Regex),
-        Some(H::SuffixMatch(v)) => {
-            full_match_regex(cx, &at(path, "suffix_match"), &format!("(?s).*{}", regex::escape(v)), false)
-                .map(cfg::StringMatch::Regex)
+        Some(H::SafeRegexMatch(re)) => {
+            regex_matcher(cx, &at(path, "safe_regex_match"), re, false).map(cfg::StringMatch::Regex)
         }
-        Some(H::ContainsMatch(v)) => {
-            full_match_regex(cx, &at(path, "contains_match"), &format!("(?s).*{}.*", regex::escape(v)), false)
-                .map(cfg::StringMatch::Regex)
-        }
+        Some(H::SuffixMatch(v)) => full_match_regex(
+            cx,
+            &at(path, "suffix_match"),
+            &format!("(?s).*{}", regex::escape(v)),
+            false,
+        )
+        .map(cfg::StringMatch::Regex),
+        Some(H::ContainsMatch(v)) => full_match_regex(
+            cx,
+            &at(path, "contains_match"),
+            &format!("(?s).*{}.*", regex::escape(v)),
+            false,
+        )
+        .map(cfg::StringMatch::Regex),
         Some(H::RangeMatch(_)) => {
             cx.unsupported(path, "range_match");
             None
         }
     };
-    Some(cfg::HeaderMatch { name, value: value?, invert })
+    Some(cfg::HeaderMatch {
+        name,
+        value: value?,
+        invert,
+    })
 }
 
 /// `StringMatcher` → config `StringMatch`. Suffix, contains and `ignore_case` forms become
 /// full-match regexes with the same meaning.
-fn string_matcher(cx: &mut Ctx<'_>, path: &str, sm: &matcher::StringMatcher) -> Option<cfg::StringMatch> {
+fn string_matcher(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    sm: &matcher::StringMatcher,
+) -> Option<cfg::StringMatch> {
     use matcher::string_matcher::MatchPattern as M;
-    let matcher::StringMatcher { ignore_case, match_pattern } = sm;
+    let matcher::StringMatcher {
+        ignore_case,
+        match_pattern,
+    } = sm;
     let re = |cx: &mut Ctx<'_>, field: &str, pattern: String| {
-        full_match_regex(cx, &at(path, field), &format!("(?s){pattern}"), *ignore_case).map(cfg::StringMatch::Regex)
+        full_match_regex(
+            cx,
+            &at(path, field),
+            &format!("(?s){pattern}"),
+            *ignore_case,
+        )
+        .map(cfg::StringMatch::Regex)
     };
     match match_pattern {
         Some(M::Exact(v)) if !ignore_case => Some(cfg::StringMatch::Exact(v.clone())),
@@ -418,7 +535,9 @@ fn string_matcher(cx: &mut Ctx<'_>, path: &str, sm: &matcher::StringMatcher) -> 
         Some(M::Prefix(v)) => re(cx, "prefix", format!("{}.*", regex::escape(v))),
         Some(M::Suffix(v)) => re(cx, "suffix", format!(".*{}", regex::escape(v))),
         Some(M::Contains(v)) => re(cx, "contains", format!(".*{}.*", regex::escape(v))),
-        Some(M::SafeRegex(r)) => regex_matcher(cx, &at(path, "safe_regex"), r, *ignore_case).map(cfg::StringMatch::Regex),
+        Some(M::SafeRegex(r)) => {
+            regex_matcher(cx, &at(path, "safe_regex"), r, *ignore_case).map(cfg::StringMatch::Regex)
+        }
         Some(M::Custom(_)) => {
             cx.unsupported(path, "custom");
             None
@@ -430,12 +549,24 @@ fn string_matcher(cx: &mut Ctx<'_>, path: &str, sm: &matcher::StringMatcher) -> 
     }
 }
 
-#[allow(deprecated, reason = "GoogleRe2 is deprecated but still what most control planes send")]
-fn regex_matcher(cx: &mut Ctx<'_>, path: &str, re: &matcher::RegexMatcher, ignore_case: bool) -> Option<regex::Regex> {
+#[allow(
+    deprecated,
+    reason = "GoogleRe2 is deprecated but still what most control planes send"
+)]
+fn regex_matcher(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    re: &matcher::RegexMatcher,
+    ignore_case: bool,
+) -> Option<regex::Regex> {
     let matcher::RegexMatcher { regex, engine_type } = re;
     match engine_type {
         None => {}
-        Some(matcher::regex_matcher::EngineType::GoogleRe2(matcher::regex_matcher::GoogleRe2 { max_program_size: _ })) => {}
+        Some(matcher::regex_matcher::EngineType::GoogleRe2(
+            matcher::regex_matcher::GoogleRe2 {
+                max_program_size: _,
+            },
+        )) => {}
     }
     full_match_regex(cx, path, regex, ignore_case)
 }
@@ -447,8 +578,15 @@ fn regex_substitution(
     path: &str,
     rs: &matcher::RegexMatchAndSubstitute,
 ) -> Option<(regex::Regex, String)> {
-    let matcher::RegexMatchAndSubstitute { pattern, substitution } = rs;
-    let Some(matcher::RegexMatcher { regex, engine_type: _ }) = pattern else {
+    let matcher::RegexMatchAndSubstitute {
+        pattern,
+        substitution,
+    } = rs;
+    let Some(matcher::RegexMatcher {
+        regex,
+        engine_type: _,
+    }) = pattern
+    else {
         cx.err(&at(path, "pattern"), "required");
         return None;
     };
@@ -475,7 +613,10 @@ fn regex_substitution(
     Some((re, out))
 }
 
-#[allow(deprecated, reason = "destructuring names deprecated fields too, so that they are checked")]
+#[allow(
+    deprecated,
+    reason = "destructuring names deprecated fields too, so that they are checked"
+)]
 fn route_action(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -545,11 +686,19 @@ fn route_action(
     match cluster_specifier {
         Some(C::Cluster(c)) => {
             check_cluster(cx, &at(path, "cluster"), c, clusters);
-            out_clusters.push(cfg::WeightedCluster { name: c.clone(), weight: 1 });
+            out_clusters.push(cfg::WeightedCluster {
+                name: c.clone(),
+                weight: 1,
+            });
         }
         Some(C::WeightedClusters(w)) => {
             let wp = at(path, "weighted_clusters");
-            let rv3::WeightedCluster { clusters: list, total_weight, runtime_key_prefix, random_value_specifier } = w;
+            let rv3::WeightedCluster {
+                clusters: list,
+                total_weight,
+                runtime_key_prefix,
+                random_value_specifier,
+            } = w;
             reject_set!(cx, &wp, runtime_key_prefix, random_value_specifier);
             for (i, cw) in list.iter().enumerate() {
                 let cp = idx(&wp, "clusters", i);
@@ -579,7 +728,10 @@ fn route_action(
                 );
                 check_cluster(cx, &at(&cp, "name"), name, clusters);
                 // Envoy: an unset weight counts as 0.
-                out_clusters.push(cfg::WeightedCluster { name: name.clone(), weight: weight.as_ref().map_or(0, |w| w.value) });
+                out_clusters.push(cfg::WeightedCluster {
+                    name: name.clone(),
+                    weight: weight.as_ref().map_or(0, |w| w.value),
+                });
             }
             let sum: u64 = out_clusters.iter().map(|c| u64::from(c.weight)).sum();
             if list.is_empty() {
@@ -587,15 +739,20 @@ fn route_action(
             } else if sum == 0 {
                 cx.err(&at(&wp, "clusters"), "weights must sum to more than 0");
             }
-            if let Some(t) = total_weight {
-                if u64::from(t.value) != sum {
-                    cx.err(&at(&wp, "total_weight"), format!("{} is not the sum of the weights ({sum})", t.value));
-                }
+            if let Some(t) = total_weight
+                && u64::from(t.value) != sum
+            {
+                cx.err(
+                    &at(&wp, "total_weight"),
+                    format!("{} is not the sum of the weights ({sum})", t.value),
+                );
             }
         }
         Some(C::ClusterHeader(_)) => cx.unsupported(path, "cluster_header"),
         Some(C::ClusterSpecifierPlugin(_)) => cx.unsupported(path, "cluster_specifier_plugin"),
-        Some(C::InlineClusterSpecifierPlugin(_)) => cx.unsupported(path, "inline_cluster_specifier_plugin"),
+        Some(C::InlineClusterSpecifierPlugin(_)) => {
+            cx.unsupported(path, "inline_cluster_specifier_plugin")
+        }
         None => cx.err(path, "cluster or weighted_clusters is required"),
     }
 
@@ -603,7 +760,9 @@ fn route_action(
     if !prefix_rewrite.is_empty() {
         let p = at(path, "prefix_rewrite");
         match matcher.map(|m| &m.path) {
-            Some(cfg::PathMatch::Prefix(_)) => path_rewrite = Some(cfg::PathRewrite::ReplacePrefix(prefix_rewrite.clone())),
+            Some(cfg::PathMatch::Prefix(_)) => {
+                path_rewrite = Some(cfg::PathRewrite::ReplacePrefix(prefix_rewrite.clone()))
+            }
             Some(cfg::PathMatch::Exact(exact)) => {
                 // The whole path is the matched prefix.
                 let pattern = format!("^{}$", regex::escape(exact));
@@ -614,18 +773,25 @@ fn route_action(
                     });
                 }
             }
-            Some(cfg::PathMatch::Regex(_)) => {
-                cx.err(&p, "needs a path, path_separated_prefix or `/`-terminated prefix match")
-            }
+            Some(cfg::PathMatch::Regex(_)) => cx.err(
+                &p,
+                "needs a path, path_separated_prefix or `/`-terminated prefix match",
+            ),
             None => {}
         }
     }
     if let Some(rr) = regex_rewrite {
         let p = at(path, "regex_rewrite");
         if path_rewrite.is_some() {
-            cx.err(&p, "prefix_rewrite and regex_rewrite are mutually exclusive");
+            cx.err(
+                &p,
+                "prefix_rewrite and regex_rewrite are mutually exclusive",
+            );
         } else if let Some((pattern, substitution)) = regex_substitution(cx, &p, rr) {
-            path_rewrite = Some(cfg::PathRewrite::Regex { pattern, substitution });
+            path_rewrite = Some(cfg::PathRewrite::Regex {
+                pattern,
+                substitution,
+            });
         }
     }
 
@@ -656,34 +822,64 @@ fn route_action(
         }
     };
 
-    let timeout = timeout_with_default(cx, &at(path, "timeout"), timeout, Some(DEFAULT_ROUTE_TIMEOUT));
-    let per_try_timeout = retry_policy.as_ref().and_then(|rp| retry(cx, &at(path, "retry_policy"), rp));
+    let timeout = timeout_with_default(
+        cx,
+        &at(path, "timeout"),
+        timeout,
+        Some(DEFAULT_ROUTE_TIMEOUT),
+    );
+    let per_try_timeout = retry_policy
+        .as_ref()
+        .and_then(|rp| retry(cx, &at(path, "retry_policy"), rp));
 
     for (i, u) in upgrade_configs.iter().enumerate() {
         let p = idx(path, "upgrade_configs", i);
-        let rv3::route_action::UpgradeConfig { upgrade_type, enabled, connect_config } = u;
+        let rv3::route_action::UpgradeConfig {
+            upgrade_type,
+            enabled,
+            connect_config,
+        } = u;
         reject_set!(cx, &p, connect_config);
-        if !upgrade_type.eq_ignore_ascii_case("websocket") || enabled.as_ref().is_some_and(|e| !e.value) {
-            cx.err(&p, format!("only an enabled `websocket` upgrade is supported, got {upgrade_type:?}"));
+        if !upgrade_type.eq_ignore_ascii_case("websocket")
+            || enabled.as_ref().is_some_and(|e| !e.value)
+        {
+            cx.err(
+                &p,
+                format!("only an enabled `websocket` upgrade is supported, got {upgrade_type:?}"),
+            );
         }
     }
 
     let mut hashes = Vec::new();
     for (i, hp) in hash_policy.iter().enumerate() {
         let p = idx(path, "hash_policy", i);
-        let rv3::route_action::HashPolicy { terminal, policy_specifier } = hp;
+        let rv3::route_action::HashPolicy {
+            terminal,
+            policy_specifier,
+        } = hp;
         // The proxy uses the first policy that yields a key: Envoy's `terminal` semantics.
         // Without `terminal`, Envoy would combine keys, which the proxy does not do.
         if !terminal && i + 1 < hash_policy.len() {
-            cx.err(&at(&p, "terminal"), "must be true on every hash policy but the last (keys are not combined)");
+            cx.err(
+                &at(&p, "terminal"),
+                "must be true on every hash policy but the last (keys are not combined)",
+            );
         }
         use rv3::route_action::hash_policy::{self as h, PolicySpecifier as S};
         match policy_specifier {
-            Some(S::Header(h::Header { header_name, regex_rewrite })) => {
+            Some(S::Header(h::Header {
+                header_name,
+                regex_rewrite,
+            })) => {
                 reject_set!(cx, &at(&p, "header"), regex_rewrite);
                 hashes.push(cfg::HashPolicy::Header(header_name.to_ascii_lowercase()));
             }
-            Some(S::Cookie(h::Cookie { name, ttl, path: cookie_path, attributes })) => {
+            Some(S::Cookie(h::Cookie {
+                name,
+                ttl,
+                path: cookie_path,
+                attributes,
+            })) => {
                 // A ttl asks Envoy to generate the cookie; the proxy only reads it.
                 reject_set!(cx, &at(&p, "cookie"), ttl, cookie_path, attributes);
                 hashes.push(cfg::HashPolicy::Cookie(name.clone()));
@@ -704,12 +900,22 @@ fn route_action(
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::Forward { clusters: out_clusters, path_rewrite, host_rewrite, timeout, per_try_timeout, hash_policy: hashes })
+    Some(cfg::Forward {
+        clusters: out_clusters,
+        path_rewrite,
+        host_rewrite,
+        timeout,
+        per_try_timeout,
+        hash_policy: hashes,
+    })
 }
 
 fn check_cluster(cx: &mut Ctx<'_>, path: &str, name: &str, clusters: &HashSet<&str>) {
     if !clusters.contains(name) {
-        cx.err(path, format!("cluster {name:?} is not among the Cluster resources"));
+        cx.err(
+            path,
+            format!("cluster {name:?} is not among the Cluster resources"),
+        );
     }
 }
 
@@ -748,7 +954,10 @@ fn retry(cx: &mut Ctx<'_>, path: &str, rp: &rv3::RetryPolicy) -> Option<Duration
         refresh_cluster_on_retry,
     );
     if !retry_on.is_empty() && num_retries.as_ref().is_none_or(|n| n.value != 0) {
-        cx.err(path, "retries are not supported (set num_retries to 0 or leave retry_on empty)");
+        cx.err(
+            path,
+            "retries are not supported (set num_retries to 0 or leave retry_on empty)",
+        );
     }
     duration(cx, &at(path, "per_try_timeout"), per_try_timeout).filter(|d| !d.is_zero())
 }
@@ -759,7 +968,9 @@ fn redirect(
     ra: &rv3::RedirectAction,
     matcher: Option<&cfg::RouteMatch>,
 ) -> Option<cfg::Redirect> {
-    use rv3::redirect_action::{PathRewriteSpecifier as P, RedirectResponseCode as Code, SchemeRewriteSpecifier as S};
+    use rv3::redirect_action::{
+        PathRewriteSpecifier as P, RedirectResponseCode as Code, SchemeRewriteSpecifier as S,
+    };
     let start = cx.error_count();
     let rv3::RedirectAction {
         host_redirect,
@@ -776,7 +987,10 @@ fn redirect(
         Some(S::SchemeRedirect(s)) => {
             let s = s.to_ascii_lowercase();
             if s != "http" && s != "https" {
-                cx.err(&at(path, "scheme_redirect"), format!("{s:?} is not http or https"));
+                cx.err(
+                    &at(path, "scheme_redirect"),
+                    format!("{s:?} is not http or https"),
+                );
             }
             Some(s)
         }
@@ -798,8 +1012,14 @@ fn redirect(
             Some(cfg::RedirectPath::Full(p.clone()))
         }
         Some(P::PrefixRewrite(p)) => {
-            if !matches!(matcher.map(|m| &m.path), Some(cfg::PathMatch::Prefix(_)) | Some(cfg::PathMatch::Exact(_)) | None) {
-                cx.err(&at(path, "prefix_rewrite"), "needs a path, path_separated_prefix or `/`-terminated prefix match");
+            if !matches!(
+                matcher.map(|m| &m.path),
+                Some(cfg::PathMatch::Prefix(_)) | Some(cfg::PathMatch::Exact(_)) | None
+            ) {
+                cx.err(
+                    &at(path, "prefix_rewrite"),
+                    "needs a path, path_separated_prefix or `/`-terminated prefix match",
+                );
             }
             Some(cfg::RedirectPath::ReplacePrefix(p.clone()))
         }
@@ -819,7 +1039,10 @@ fn redirect(
         Ok(Code::TemporaryRedirect) => 307,
         Ok(Code::PermanentRedirect) => 308,
         Err(_) => {
-            cx.err(&at(path, "response_code"), format!("unknown response code {response_code}"));
+            cx.err(
+                &at(path, "response_code"),
+                format!("unknown response code {response_code}"),
+            );
             301
         }
     };
@@ -841,30 +1064,53 @@ fn direct_response(
     d: &rv3::DirectResponseAction,
     max_body: u32,
 ) -> Option<cfg::RouteAction> {
-    let rv3::DirectResponseAction { status, body, body_format } = d;
+    let rv3::DirectResponseAction {
+        status,
+        body,
+        body_format,
+    } = d;
     reject_set!(cx, path, body_format);
     let start = cx.error_count();
     if !(200..600).contains(status) {
-        cx.err(&at(path, "status"), format!("{status} is not in [200, 600)"));
+        cx.err(
+            &at(path, "status"),
+            format!("{status} is not in [200, 600)"),
+        );
     }
     let body = match body {
         None => String::new(),
         Some(ds) => data_source_string(cx, &at(path, "body"), ds).unwrap_or_default(),
     };
     if body.len() > max_body as usize {
-        cx.err(&at(path, "body"), format!("{} bytes is more than max_direct_response_body_size_bytes ({max_body})", body.len()));
+        cx.err(
+            &at(path, "body"),
+            format!(
+                "{} bytes is more than max_direct_response_body_size_bytes ({max_body})",
+                body.len()
+            ),
+        );
     }
     if cx.error_count() > start {
         return None;
     }
-    Some(cfg::RouteAction::DirectResponse { status: *status as u16, body })
+    Some(cfg::RouteAction::DirectResponse {
+        status: *status as u16,
+        body,
+    })
 }
 
 /// An inline `DataSource` as UTF-8 text (files and environment variables are rejected: the
 /// proxy's config must be self-contained).
-pub(super) fn data_source_string(cx: &mut Ctx<'_>, path: &str, ds: &core::DataSource) -> Option<String> {
+pub(super) fn data_source_string(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    ds: &core::DataSource,
+) -> Option<String> {
     use core::data_source::Specifier as S;
-    let core::DataSource { watched_directory, specifier } = ds;
+    let core::DataSource {
+        watched_directory,
+        specifier,
+    } = ds;
     reject_set!(cx, path, watched_directory);
     match specifier {
         Some(S::InlineString(s)) => Some(s.clone()),
@@ -890,7 +1136,10 @@ pub(super) fn data_source_string(cx: &mut Ctx<'_>, path: &str, ds: &core::DataSo
     }
 }
 
-#[allow(deprecated, reason = "the deprecated `append` flag is still honoured, as Envoy does")]
+#[allow(
+    deprecated,
+    reason = "the deprecated `append` flag is still honoured, as Envoy does"
+)]
 fn header_mutation(
     cx: &mut Ctx<'_>,
     path: &str,
@@ -908,8 +1157,18 @@ fn header_mutation(
     }
     for (i, o) in add.iter().enumerate() {
         let p = idx(path, add_field, i);
-        let core::HeaderValueOption { header, append, append_action, keep_empty_value } = o;
-        let Some(core::HeaderValue { key, value, raw_value }) = header else {
+        let core::HeaderValueOption {
+            header,
+            append,
+            append_action,
+            keep_empty_value,
+        } = o;
+        let Some(core::HeaderValue {
+            key,
+            value,
+            raw_value,
+        }) = header
+        else {
             cx.err(&at(&p, "header"), "required");
             continue;
         };
@@ -921,7 +1180,10 @@ fn header_mutation(
             match String::from_utf8(raw_value.clone()) {
                 Ok(v) if value.is_empty() => v,
                 Ok(_) => {
-                    cx.err(&at(&p, "header"), "value and raw_value are mutually exclusive");
+                    cx.err(
+                        &at(&p, "header"),
+                        "value and raw_value are mutually exclusive",
+                    );
                     continue;
                 }
                 Err(_) => {
@@ -946,11 +1208,17 @@ fn header_mutation(
             (None, Ok(A::AppendIfExistsOrAdd)) => false,
             (None, Ok(A::OverwriteIfExistsOrAdd)) => true,
             (None, Ok(other)) => {
-                cx.err(&at(&p, "append_action"), format!("{} is not supported", other.as_str_name()));
+                cx.err(
+                    &at(&p, "append_action"),
+                    format!("{} is not supported", other.as_str_name()),
+                );
                 continue;
             }
             (None, Err(_)) => {
-                cx.err(&at(&p, "append_action"), format!("unknown value {append_action}"));
+                cx.err(
+                    &at(&p, "append_action"),
+                    format!("unknown value {append_action}"),
+                );
                 continue;
             }
         };

@@ -4,7 +4,7 @@
 
 use biplane_api::{Resource, ValidationError, parse_documents};
 
-pub const ALL_KINDS: &str = include_str!("data/all-kinds.yaml");
+pub const ALL_KINDS: &str = include_str!("../data/all-kinds.yaml");
 
 /// Parses text that must be valid.
 pub fn ok(text: &str) -> Vec<Resource> {
@@ -25,9 +25,15 @@ pub fn errs(text: &str) -> Vec<ValidationError> {
 /// Asserts one error has exactly this path and a message containing `needle`.
 pub fn has(errors: &[ValidationError], path: &str, needle: &str) {
     assert!(
-        errors.iter().any(|e| e.path == path && e.message.contains(needle)),
+        errors
+            .iter()
+            .any(|e| e.path == path && e.message.contains(needle)),
         "no error at {path:?} containing {needle:?}; got:\n{}",
-        errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -39,16 +45,23 @@ pub fn http_route(spec: &str) -> String {
 }
 
 pub fn gateway(spec: &str) -> String {
-    format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n{spec}")
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n{spec}"
+    )
 }
 
 pub fn backend(spec: &str) -> String {
-    format!("apiVersion: biplane.dev/v1alpha1\nkind: Backend\nmetadata: {{name: be}}\nspec:\n{spec}")
+    format!(
+        "apiVersion: biplane.dev/v1alpha1\nkind: Backend\nmetadata: {{name: be}}\nspec:\n{spec}"
+    )
 }
 
 pub fn grpc_route(spec: &str) -> String {
-    format!("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g}}\nspec:\n{spec}")
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g}}\nspec:\n{spec}"
+    )
 }
 
 pub const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
-pub const KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYBYTES\n-----END PRIVATE KEY-----\n";
+pub const KEY_PEM: &str =
+    "-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYBYTES\n-----END PRIVATE KEY-----\n";
