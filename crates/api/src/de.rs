@@ -129,6 +129,18 @@ pub(crate) fn join_index(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
 }
 
+/// The range a field really accepts, for messages about numbers that do not even fit its
+/// Rust type (the semantic checks give the same ranges for numbers that do).
+fn range_hint(path: &str) -> Option<(i128, i128)> {
+    let field = path.rsplit(['.', '[']).next().unwrap_or(path);
+    match field {
+        "port" => Some((1, 65535)),
+        "weight" if path.contains("endpoints[") => Some((1, 1_000_000)),
+        "weight" => Some((0, 1_000_000)),
+        _ => None,
+    }
+}
+
 fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".to_owned(),
@@ -201,14 +213,11 @@ impl<'v, 'p> De<'v, 'p> {
                         visitor.visit_i64(i as i64)
                     };
                 }
-                Some(i) if i < 0 && min == 0 => {
-                    self.problems
-                        .push(&self.path, format!("must not be negative, got {i}"));
-                }
                 Some(i) => {
+                    let (lo, hi) = range_hint(&self.path).unwrap_or((min, max));
                     self.problems.push(
                         &self.path,
-                        format!("must be between {min} and {max}, got {i}"),
+                        format!("must be between {lo} and {hi}, got {i}"),
                     );
                 }
                 None => self

@@ -22,6 +22,13 @@
 //! Optional fields mirror what the user wrote (`Option`, empty `Vec`); accessor methods
 //! return Gateway API defaults (`BackendRef::weight()` = 1, `HttpPathMatch::match_type()` =
 //! `PathPrefix`, `BackendSpec::connect_timeout()` = 5s, ...).
+//!
+//! Documents are numbered 0-based in [`ValidationError::document`] (among non-empty
+//! documents, JSON array elements or `List` items) and printed 1-based by `Display`:
+//! `document 3 (HTTPRoute default/web): spec.rules[2].backendRefs[0].weight: must be between
+//! 0 and 1000000`. Schema problems (unknown fields, wrong types, missing fields, unsupported
+//! values) are collected by a recovering deserializer (`de.rs`), so one document reports all
+//! of them; semantic checks (`validate.rs`) then add theirs.
 
 mod backend;
 mod de;

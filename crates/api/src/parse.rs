@@ -123,8 +123,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ValidationErrors> {
 fn split(text: &str) -> Vec<RawDoc> {
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        return split_json(trimmed);
+        let json = split_json(trimmed);
+        // `{apiVersion: v1, ...}` is a YAML flow mapping, not JSON: if it reads as YAML, use
+        // that; otherwise the JSON error is the more precise one.
+        if json.iter().any(|d| d.value.is_err()) {
+            let yaml = split_yaml(text);
+            if yaml.iter().all(|d| d.value.is_ok()) {
+                return yaml;
+            }
+        }
+        return json;
     }
+    split_yaml(text)
+}
+
+fn split_yaml(text: &str) -> Vec<RawDoc> {
     let mut out = Vec::new();
     let mut index = 0;
     for (start_line, chunk) in yaml_chunks(text) {
@@ -497,4 +510,69 @@ fn secret(doc: SecretDoc, s: &mut Sink) -> Option<TlsSecret> {
         cert_chain_pem: cert,
         private_key_pem: PrivateKeyPem::new(key),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn chunks_split_on_marker_lines_only() {
+        let text = "a: 1\n---\nb: |\n  ---\n  x\n--- # c\nc: 3\n----\n";
+        let chunks = yaml_chunks(text);
+        assert_eq!(chunks.len(), 3, "{chunks:?}");
+        assert_eq!(chunks[0], (1, "a: 1\n"));
+        assert_eq!(chunks[1].0, 2);
+        assert!(chunks[1].1.contains("  ---"));
+        assert_eq!(chunks[2], (6, "--- # c\nc: 3\n----\n"));
+        assert!(yaml_is_empty("--- # nothing\n\n# x\n...\n"));
+        assert!(!yaml_is_empty("---\na: 1\n"));
+        assert_eq!(yaml_chunks("a: 1\r\n---\r\nb: 2\r\n").len(), 2);
+    }
+
+    #[test]
+    fn related_paths() {
+        assert!(related(
+            "spec.listeners[1].protocol",
+            "spec.listeners[1].tls"
+        ));
+        assert!(related("spec.listeners[1].protocol", "spec.listeners[1]"));
+        assert!(related("spec.listeners[1]", "spec.listeners[1].port"));
+        assert!(!related(
+            "spec.listeners[1].protocol",
+            "spec.listeners[10].tls"
+        ));
+        assert!(!related("spec.appProtocol", "spec.connectTimeout"));
+        assert!(!related("metadata.name", "metadata.namespace"));
+        assert!(related("metadata.name", "metadata.name"));
+        assert!(related("", "spec"));
+    }
+
+    #[test]
+    fn pem_shapes() {
+        assert!(has_pem_block(
+            "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----",
+            "CERTIFICATE"
+        ));
+        assert!(has_pem_block(
+            "-----BEGIN EC PRIVATE KEY-----\n",
+            "PRIVATE KEY"
+        ));
+        assert!(!has_pem_block(
+            "-----BEGIN PUBLIC KEY-----\n",
+            "PRIVATE KEY"
+        ));
+        assert!(!has_pem_block(
+            "-----BEGIN ENCRYPTED PRIVATE KEYS-----\n",
+            "PRIVATE KEY"
+        ));
+    }
+
+    #[test]
+    fn paths_join() {
+        assert_eq!(join_key("", "spec"), "spec");
+        assert_eq!(join_key("spec", "rules"), "spec.rules");
+        assert_eq!(join_key("data", "tls.crt"), "data[tls.crt]");
+    }
 }

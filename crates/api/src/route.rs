@@ -106,9 +106,20 @@ pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentReference>,
     /// Hostnames; empty = the listener's hostname(s).
     pub hostnames: Vec<String>,
-    /// Rules; an empty list behaves as one rule with no backends (Gateway API default is a
-    /// single `PathPrefix /` rule).
+    /// Rules; see [`HttpRouteSpec::effective_rules`] for the default when empty.
     pub rules: Vec<HttpRouteRule>,
+}
+
+impl HttpRouteSpec {
+    /// The rules with Gateway API's default applied: no rules = one rule matching
+    /// `PathPrefix /` with no backends (so requests get 500).
+    pub fn effective_rules(&self) -> Vec<HttpRouteRule> {
+        if self.rules.is_empty() {
+            vec![HttpRouteRule::default()]
+        } else {
+            self.rules.clone()
+        }
+    }
 }
 
 /// `spec.rules[]`.

@@ -179,6 +179,38 @@ fn json_object_array_and_list() {
 }
 
 #[test]
+fn yaml_flow_mapping_is_not_mistaken_for_json() {
+    let rs =
+        ok("{apiVersion: biplane.dev/v1alpha1, kind: Backend, metadata: {name: f}, spec: {}}\n");
+    assert_eq!(rs[0].name(), "f");
+}
+
+#[test]
+fn placeholders_do_not_cause_echo_errors() {
+    // protocol UDP is replaced by a placeholder: its tls is not judged against it, and a
+    // missing name is reported once (not also as "must not be empty").
+    let e = errs(
+        &gateway(
+            "  listeners:\n  - {name: a, port: 443, protocol: UDP, tls: {mode: Passthrough}}\n",
+        )
+        .replace("metadata: {name: gw}", "metadata: {}"),
+    );
+    assert_eq!(e.len(), 2, "{e:?}");
+    has(&e, "metadata.name", "missing required field");
+    has(&e, "spec.listeners[0].protocol", "unsupported value");
+    // An unknown field replaces nothing, so the semantic checks beside it still run.
+    let e = errs(&gateway(
+        "  listeners:\n  - {name: a, port: 80, protocol: HTTP, tls: {certificateRefs: [{name: x}]}, extra: 1}\n",
+    ));
+    has(&e, "spec.listeners[0].extra", "unknown field");
+    has(
+        &e,
+        "spec.listeners[0].tls",
+        "must not be set with protocol HTTP",
+    );
+}
+
+#[test]
 fn invalid_json_is_reported() {
     let e = errs("{\"kind\": ");
     assert_eq!(e.len(), 1);
@@ -275,7 +307,7 @@ fn several_schema_errors_in_one_document_are_all_reported() {
     has(
         &e,
         "spec.listeners[1].port",
-        "must be between 0 and 65535, got 70000",
+        "must be between 1 and 65535, got 70000",
     );
     has(&e, "spec.listeners[2].name", "missing required field");
     has(&e, "spec.addresses", "expected a list, got number 3");

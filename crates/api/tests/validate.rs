@@ -31,7 +31,7 @@ fn ports_in_range() {
     has(
         &e,
         "spec.endpoints[1].port",
-        "must be between 0 and 65535, got 65536",
+        "must be between 1 and 65535, got 65536",
     );
     let e = errs(&http_route("  parentRefs: [{name: gw, port: 0}]\n"));
     has(&e, "spec.parentRefs[0].port", "must be between 1 and 65535");
@@ -50,7 +50,7 @@ fn weights_in_range() {
     has(
         &e,
         "spec.rules[0].backendRefs[1].weight",
-        "must not be negative",
+        "must be between 0 and 1000000, got -1",
     );
     assert_eq!(e.len(), 2, "weight 0 is allowed: {e:?}");
     let e = errs(&backend(
@@ -60,6 +60,14 @@ fn weights_in_range() {
         &e,
         "spec.endpoints[0].weight",
         "must be between 1 and 1000000",
+    );
+    let e = errs(&backend(
+        "  endpoints: [{address: a.test, port: 1, weight: -2}]\n",
+    ));
+    has(
+        &e,
+        "spec.endpoints[0].weight",
+        "must be between 1 and 1000000, got -2",
     );
 }
 

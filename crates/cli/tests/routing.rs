@@ -79,8 +79,6 @@ spec:
     backendRefs: [{REF_A}]
   - matches: [{{path: {{type: Exact, value: /exact}}}}]
     backendRefs: [{REF_A}]
-  - matches: [{{path: {{type: RegularExpression, value: "/re/[0-9]+"}}}}]
-    backendRefs: [{REF_A}]
   - matches: [{{headers: [{{name: x-canary, value: "yes"}}]}}]
     backendRefs: [{REF_A}]
   - matches: [{{queryParams: [{{name: v, value: "2"}}]}}]
@@ -110,8 +108,6 @@ spec:
         ("b.example.com", "/apiary", None, "B"), // prefix matches whole segments only
         ("b.example.com", "/exact", None, "A"),
         ("b.example.com", "/exact/more", None, "B"),
-        ("b.example.com", "/re/123", None, "A"),
-        ("b.example.com", "/re/abc", None, "B"),
         ("b.example.com", "/other", Some(("x-canary", "yes")), "A"),
         ("b.example.com", "/other", Some(("x-canary", "no")), "B"),
         ("b.example.com", "/other?v=2", None, "A"),
@@ -136,6 +132,31 @@ spec:
     );
     // `*.wild.example.com` does not match the bare parent domain.
     assert_eq!(who(c.get(url("wild.example.com", "/"))).await.0, 404);
+}
+
+/// Gateway API leaves regex precedence to implementations; Envoy Gateway (and users'
+/// expectations) put `RegularExpression` between `Exact` and `PathPrefix`, so a regex
+/// rule is not shadowed by a catch-all prefix.
+#[tokio::test]
+async fn regex_path_beats_catch_all_prefix() {
+    let routes = format!(
+        r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: regex
+spec:
+  parentRefs: [{{name: gw}}]
+  rules:
+  - matches: [{{path: {{type: RegularExpression, value: "/re/[0-9]+"}}}}]
+    backendRefs: [{REF_A}]
+  - backendRefs: [{REF_B}]
+"#
+    );
+    let (_a, _b, _proxy, addr) = setup(&routes).await;
+    let c = client();
+    assert_eq!(who(c.get(format!("http://{addr}/re/123"))).await, (200, "A".to_owned()));
+    assert_eq!(who(c.get(format!("http://{addr}/re/abc"))).await, (200, "B".to_owned()));
 }
 
 #[tokio::test]

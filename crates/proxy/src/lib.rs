@@ -6,6 +6,9 @@
 //! (`tls`) → L4 forwarding (`tcp`) or HTTP (`http`): route → filters → pick endpoint
 //! (`lb`) → upstream (`http::upstream`) → response filters → access log (`http::log`).
 //!
+//! Entry point: [`Proxy`] (`start`, `apply`, `shutdown`), which owns the listeners' accept
+//! loops and the admin server (`admin`).
+//!
 //! Architecture Invariant: this crate knows nothing of xDS, protobuf, the resource model
 //! or the store. It is fed `biplane_config::Config` values and compiles each into an
 //! immutable [`Snapshot`] that is swapped in atomically (`ArcSwap`).

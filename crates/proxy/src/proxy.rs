@@ -115,9 +115,25 @@ impl ListenerHandle {
 impl Proxy {
     /// Compiles the config, binds every listener (and the admin listener if configured),
     /// and starts serving. Fails before serving anything if a bind or a TLS chain fails.
+    /// `/ready` answers 200 at once: the config is in place.
     pub async fn start(
         config: biplane_config::Config,
         options: ProxyOptions,
+    ) -> Result<Proxy, ProxyError> {
+        Self::start_inner(config, options, true).await
+    }
+
+    /// Starts with no listeners and `/ready` answering 503 (only the admin listener, if
+    /// configured, is bound): for a proxy whose config arrives later (xDS). Call
+    /// [`Proxy::apply`] then [`Proxy::set_ready`] once the first complete config is in.
+    pub async fn start_pending(options: ProxyOptions) -> Result<Proxy, ProxyError> {
+        Self::start_inner(biplane_config::Config::default(), options, false).await
+    }
+
+    async fn start_inner(
+        config: biplane_config::Config,
+        options: ProxyOptions,
+        ready: bool,
     ) -> Result<Proxy, ProxyError> {
         check_unique_names(&config)?;
         let metrics = Arc::new(crate::Metrics::new());
@@ -170,9 +186,7 @@ impl Proxy {
             }
             None => None,
         };
-        // A static config is in place from the start. (An xDS-fed proxy will start without
-        // one and flip this with `set_ready` after its first complete update.)
-        admin.ready.store(true, Ordering::Release);
+        admin.ready.store(ready, Ordering::Release);
         Ok(Proxy {
             shared,
             admin,

@@ -230,3 +230,30 @@ async fn shutdown_refuses_new_connections_drains_and_aborts() {
     assert!(closed_by_peer(&mut stays).await);
     assert!(TcpStream::connect(admin).await.is_err());
 }
+
+#[tokio::test]
+async fn pending_start_is_not_ready_until_told() {
+    let proxy = Proxy::start_pending(options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    assert_eq!(http_get(admin, "/ready").await.0, 503);
+    assert!(proxy.listener_addrs().is_empty());
+    let up = tcp_echo("up").await;
+    let cfg = config(
+        "v1",
+        vec![listener(
+            "tcp",
+            LOCAL,
+            vec![tcp_chain("tcp", &[], None, "c")],
+        )],
+        vec![cluster("c", &[up])],
+    );
+    proxy.apply(cfg).await.unwrap();
+    proxy.set_ready(true);
+    assert_eq!(http_get(admin, "/ready").await.0, 200);
+    let mut s = TcpStream::connect(addr_of(&proxy, "tcp")).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "up");
+    drop(s);
+    proxy.shutdown().await;
+}

@@ -64,6 +64,19 @@ impl Lines {
         self.snapshot().join("\n")
     }
 
+    /// [`Lines::wait_for`] for async tests that have tasks running on their runtime
+    /// (a blocking wait would starve them on a current-thread runtime).
+    pub async fn wait_for_async<T>(&self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.0.lock().unwrap().iter().find_map(|l| f(l)) {
+                return v;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}; output so far:\n{}", self.text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Polls (with a deadline) until a line satisfies `f`; returns `f`'s value.
     pub fn wait_for<T>(&self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
         let start = Instant::now();
@@ -304,7 +317,7 @@ impl Proxy {
     }
 
     async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
+        let client = client();
         let url = format!("http://{}/ready", self.admin);
         let start = Instant::now();
         loop {
@@ -331,7 +344,9 @@ impl Proxy {
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("http://{}{path}", self.admin))
+        let r = client()
+            .get(format!("http://{}{path}", self.admin))
+            .send()
             .await
             .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
