@@ -59,14 +59,21 @@ fn main() -> ExitCode {
 /// Logs go to stderr (stdout is for access logs and machine-readable output). The filter
 /// comes from `BIPLANE_LOG`, else `RUST_LOG`, else `info`.
 fn init_logging() {
-    let filter = std::env::var("BIPLANE_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let spec = std::env::var("BIPLANE_LOG").or_else(|_| std::env::var("RUST_LOG"));
+    let (filter, bad) = match spec {
+        Ok(s) => match EnvFilter::try_new(&s) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new("info"), Some(format!("{s:?}: {e}"))),
+        },
+        Err(_) => (EnvFilter::new("info"), None),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(bad) = bad {
+        tracing::warn!("ignoring the invalid log filter {bad}; using info");
+    }
 }

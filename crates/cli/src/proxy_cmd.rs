@@ -43,7 +43,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let text = read_config(&args.config)?;
-    let opts = TranslateOptions { bind_ip: args.bind_ip };
+    let opts = TranslateOptions {
+        bind_ip: args.bind_ip,
+    };
     let config = match biplane_xds::compile_static(&text, args.gateway.as_deref(), &opts) {
         Ok(config) => config,
         Err(err) => {
@@ -52,6 +54,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             for line in err.to_string().lines() {
                 eprintln!("{source}: {line}");
             }
+            let n = err.count();
+            eprintln!(
+                "{source}: {n} error{}; nothing was started",
+                if n == 1 { "" } else { "s" }
+            );
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -60,7 +67,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         access_log: !args.no_access_log,
     };
-    let proxy = Proxy::start(config, options).await.context("starting the proxy")?;
+    let proxy = Proxy::start(config, options)
+        .await
+        .context("starting the proxy")?;
     if let Some(addr) = proxy.admin_addr() {
         tracing::info!("admin listening on {addr}");
     }
@@ -68,7 +77,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("listener {name} listening on {addr}");
     }
     let signal = shutdown_signal().await?;
-    tracing::info!("received {signal}: draining for up to {:?}", args.drain_timeout);
+    tracing::info!(
+        "received {signal}: draining for up to {:?}",
+        args.drain_timeout
+    );
     let report = proxy.shutdown().await;
     tracing::info!(?report, "drained");
     Ok(ExitCode::SUCCESS)
@@ -77,7 +89,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
 fn read_config(path: &PathBuf) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading the config from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the config from stdin")?;
         Ok(text)
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))

@@ -85,7 +85,14 @@ async fn h2c_prior_knowledge() {
 
     // What a user would type.
     let out = tokio::process::Command::new("curl")
-        .args(["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
         .arg(format!("http://{addr}/curl"))
         .output()
         .await
@@ -444,4 +451,28 @@ spec:
     let ((), got) = tokio::join!(write, read);
     assert_eq!(got.len(), data.len());
     assert!(got == data, "bytes changed in transit");
+}
+
+#[tokio::test]
+async fn grpc_over_tls_h2() {
+    let g = Echo::spawn("G");
+    let cert_a = cert(&["a.example.com"]);
+    let cert_b = cert(&["b.example.com"]);
+    let (_proxy, ports) = Proxy::start_on_ports(1, |p| {
+        format!(
+            "{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: grpc\nspec:\n  parentRefs: [{{name: gw}}]\n  hostnames: [\"b.example.com\"]\n  rules:\n  - backendRefs: [{{group: biplane.dev, kind: Backend, name: g}}]\n",
+            tls_gateway(p[0], &cert_a, &cert_b),
+            backend_h2c("g", g.addr)
+        )
+    })
+    .await;
+    let addr: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+    let cfg = tls_client_config(&[&cert_a, &cert_b], &[b"h2"]);
+    let s = tls_connect(addr, "b.example.com", cfg).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let reply = grpc_call(s, "b.example.com", "/test.Echo/Unary", b"over tls", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["x-echo-name"], "G");
+    assert_eq!(reply.messages, vec![Bytes::from_static(b"over tls")]);
+    assert_eq!(reply.trailers.expect("trailers")["grpc-status"], "0");
 }

@@ -100,7 +100,9 @@ spec:
     );
     let port = addr.port();
     let url = |host: &str, path: &str| format!("http://{host}:{port}{path}");
-    let cases: &[(&str, &str, Option<(&str, &str)>, &str)] = &[
+    // (host, path, extra header, the echo that must answer)
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, &'a str);
+    let cases: &[Case] = &[
         ("a.example.com", "/anything", None, "A"),
         ("x.wild.example.com", "/", None, "A"),
         ("b.example.com", "/api", None, "A"),
@@ -155,27 +157,31 @@ spec:
     );
     let (_a, _b, _proxy, addr) = setup(&routes).await;
     let c = client();
-    assert_eq!(who(c.get(format!("http://{addr}/re/123"))).await, (200, "A".to_owned()));
-    assert_eq!(who(c.get(format!("http://{addr}/re/abc"))).await, (200, "B".to_owned()));
+    assert_eq!(
+        who(c.get(format!("http://{addr}/re/123"))).await,
+        (200, "A".to_owned())
+    );
+    assert_eq!(
+        who(c.get(format!("http://{addr}/re/abc"))).await,
+        (200, "B".to_owned())
+    );
 }
 
 #[tokio::test]
 async fn weighted_split_80_20() {
-    let routes = format!(
-        r#"---
+    let routes = r#"---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata:
   name: split
 spec:
-  parentRefs: [{{name: gw}}]
+  parentRefs: [{name: gw}]
   rules:
   - backendRefs:
-    - {{group: biplane.dev, kind: Backend, name: a, weight: 80}}
-    - {{group: biplane.dev, kind: Backend, name: b, weight: 20}}
-"#
-    );
-    let (_a, _b, _proxy, addr) = setup(&routes).await;
+    - {group: biplane.dev, kind: Backend, name: a, weight: 80}
+    - {group: biplane.dev, kind: Backend, name: b, weight: 20}
+"#;
+    let (_a, _b, _proxy, addr) = setup(routes).await;
     const N: usize = 1000;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..4 {

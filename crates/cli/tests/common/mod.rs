@@ -41,7 +41,7 @@ pub fn free_port() -> u16 {
 
 /// Output lines of a child, collected by a reader thread.
 #[derive(Clone, Default)]
-pub struct Lines(Arc<Mutex<Vec<String>>>);
+pub struct Lines(Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicBool>);
 
 impl Lines {
     fn spawn_reader(r: impl std::io::Read + Send + 'static) -> Self {
@@ -52,8 +52,23 @@ impl Lines {
                 let Ok(line) = line else { break };
                 out.0.lock().unwrap().push(line);
             }
+            out.1.store(true, std::sync::atomic::Ordering::Release);
         });
         lines
+    }
+
+    /// Waits (with a deadline) until the stream has ended (the child closed it or exited),
+    /// so that every line it wrote is here.
+    pub fn wait_eof(&self) {
+        let start = Instant::now();
+        while !self.1.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "output never ended:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn snapshot(&self) -> Vec<String> {
@@ -72,7 +87,11 @@ impl Lines {
             if let Some(v) = self.0.lock().unwrap().iter().find_map(|l| f(l)) {
                 return v;
             }
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}; output so far:\n{}", self.text());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; output so far:\n{}",
+                self.text()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -301,7 +320,7 @@ impl Proxy {
                 break a;
             }
             if proc.child.try_wait().unwrap().is_some() {
-                std::thread::sleep(Duration::from_millis(50));
+                proc.stderr.wait_eof();
                 return Err(proc.stderr.text());
             }
             assert!(
@@ -385,8 +404,7 @@ pub fn proxy_rejects(yaml: &str) -> (ExitStatus, String) {
         "127.0.0.1",
     ]);
     let status = proc.wait_exit(DEADLINE);
-    // The reader thread may still be draining: wait for EOF-equivalent stability.
-    std::thread::sleep(Duration::from_millis(50));
+    proc.stderr.wait_eof();
     (status, proc.stderr.text())
 }
 

@@ -1,0 +1,2 @@
+//! Biplane's control plane: the revisioned resource store (see [`store`]).
+pub mod store;
