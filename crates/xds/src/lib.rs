@@ -29,8 +29,9 @@
 //! - HCM: router filter only, `use_remote_address: true`, a `websocket` upgrade config,
 //!   Envoy defaults otherwise (idle timeout 1 h, 60 KiB of request headers).
 //! - Route order in a virtual host (Gateway API precedence across all routes of that
-//!   host): exact path, then prefix by length (longest first), then regex (by pattern
-//!   length; after prefixes, as Envoy Gateway orders them), then method present, more
+//!   host): exact path, then regex (longest pattern first), then prefix by length
+//!   (longest first) — Envoy Gateway's order, so a catch-all `/` never shadows a regex
+//!   rule — then method present, more
 //!   header matches, more query matches, the oldest route (input order, i.e. the store's
 //!   create revision), route `namespace/name`, then rule and match order.
 //! - Paths: `Exact` → `path`; `PathPrefix /` → `prefix: "/"`; other `PathPrefix` →

@@ -1005,12 +1005,12 @@ fn path_specifier(pm: &api::HttpPathMatch) -> (u8, rv3::route_match::PathSpecifi
         api::PathMatchType::PathPrefix => {
             let trimmed = v.trim_end_matches('/');
             if trimmed.is_empty() {
-                (1, P::Prefix("/".into()))
+                (2, P::Prefix("/".into()))
             } else {
-                (1, P::PathSeparatedPrefix(trimmed.to_owned()))
+                (2, P::PathSeparatedPrefix(trimmed.to_owned()))
             }
         }
-        api::PathMatchType::RegularExpression => (2, P::SafeRegex(regex_matcher(v))),
+        api::PathMatchType::RegularExpression => (1, P::SafeRegex(regex_matcher(v))),
     }
 }
 
@@ -1018,7 +1018,7 @@ fn path_specifier(pm: &api::HttpPathMatch) -> (u8, rv3::route_match::PathSpecifi
 fn grpc_path(m: Option<&api::GrpcMethodMatch>) -> (u8, usize, rv3::route_match::PathSpecifier) {
     use rv3::route_match::PathSpecifier as P;
     let Some(m) = m else {
-        return (1, 1, P::Prefix("/".into()));
+        return (2, 1, P::Prefix("/".into()));
     };
     let (svc, meth) = (m.service.as_deref(), m.method.as_deref());
     match (m.match_type(), svc, meth) {
@@ -1028,17 +1028,17 @@ fn grpc_path(m: Option<&api::GrpcMethodMatch>) -> (u8, usize, rv3::route_match::
         }
         (api::HeaderMatchType::Exact, Some(s), None) => {
             let p = format!("/{s}/");
-            (1, p.len(), P::Prefix(p))
+            (2, p.len(), P::Prefix(p))
         }
         (api::HeaderMatchType::Exact, None, Some(me)) => {
             let r = format!("/[^/]+/{}", regex::escape(me));
-            (2, r.len(), P::SafeRegex(regex_matcher(&r)))
+            (1, r.len(), P::SafeRegex(regex_matcher(&r)))
         }
         (api::HeaderMatchType::RegularExpression, s, me) => {
             let r = format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+"));
-            (2, r.len(), P::SafeRegex(regex_matcher(&r)))
+            (1, r.len(), P::SafeRegex(regex_matcher(&r)))
         }
-        (_, None, None) => (1, 1, P::Prefix("/".into())),
+        (_, None, None) => (2, 1, P::Prefix("/".into())),
     }
 }
 

@@ -167,6 +167,7 @@ spec:
         route_names(vh),
         vec![
             "httproute/default/newer/rule/0/match/4", // exact
+            "httproute/default/older/rule/1/match/0", // regex before prefixes
             "httproute/default/newer/rule/0/match/3", // longest prefix /api/v1
             "httproute/default/newer/rule/0/match/1", // /api + method
             "httproute/default/newer/rule/0/match/0", // /api + 1 header
@@ -174,13 +175,12 @@ spec:
             "httproute/default/older/rule/2/match/0", // /api, older route first
             "httproute/default/older/rule/0/match/0", // `/` older
             "httproute/default/newer/rule/0/match/5", // `/` newer
-            "httproute/default/older/rule/1/match/0", // regex after prefixes
         ]
     );
-    assert!(matches!(&vh.routes[1].matcher.path, cfg::PathMatch::Prefix(p) if p == "/api/v1"));
-    assert_eq!(vh.routes[2].matcher.method.as_deref(), Some("GET"));
+    assert!(matches!(&vh.routes[2].matcher.path, cfg::PathMatch::Prefix(p) if p == "/api/v1"));
+    assert_eq!(vh.routes[3].matcher.method.as_deref(), Some("GET"));
     assert!(
-        matches!(&vh.routes[8].matcher.path, cfg::PathMatch::Regex(r) if r.is_match("/re/x") && !r.is_match("/x/re/x"))
+        matches!(&vh.routes[1].matcher.path, cfg::PathMatch::Regex(r) if r.is_match("/re/x") && !r.is_match("/x/re/x"))
     );
 }
 
