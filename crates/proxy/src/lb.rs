@@ -132,10 +132,16 @@ impl Balancer {
             (_, LbPolicy::RoundRobin) => Kind::RoundRobin(RoundRobin::new(weights)),
             (_, LbPolicy::LeastRequest) => Kind::LeastRequest(LeastRequest::new(&weights)),
             (_, LbPolicy::Random) => Kind::Random(WeightedRandom::new(&weights)),
-            (_, LbPolicy::RingHash { minimum_ring_size, maximum_ring_size }) => {
-                Kind::Ring(Ring::new(endpoints, minimum_ring_size, maximum_ring_size))
+            (
+                _,
+                LbPolicy::RingHash {
+                    minimum_ring_size,
+                    maximum_ring_size,
+                },
+            ) => Kind::Ring(Ring::new(endpoints, minimum_ring_size, maximum_ring_size)),
+            (_, LbPolicy::Maglev { table_size }) => {
+                Kind::Maglev(Maglev::new(endpoints, table_size))
             }
-            (_, LbPolicy::Maglev { table_size }) => Kind::Maglev(Maglev::new(endpoints, table_size)),
         };
         Self { kind, len }
     }
@@ -190,11 +196,19 @@ impl RoundRobin {
         let smooth = (!equal).then(|| {
             let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w)).collect();
             let total = weights.iter().sum();
-            Mutex::new(Smooth { current: vec![0; weights.len()], weights, total })
+            Mutex::new(Smooth {
+                current: vec![0; weights.len()],
+                weights,
+                total,
+            })
         });
         // Start at a random position so that many proxies do not all hit endpoint 0 first.
         let start = random_below(n as u64) as usize;
-        Self { cursor: AtomicUsize::new(start), smooth, n }
+        Self {
+            cursor: AtomicUsize::new(start),
+            smooth,
+            n,
+        }
     }
 
     fn pick(&self) -> usize {
@@ -206,7 +220,11 @@ impl RoundRobin {
                     Ok(g) => g,
                     Err(poisoned) => poisoned.into_inner(),
                 };
-                let Smooth { weights, current, total } = &mut *s;
+                let Smooth {
+                    weights,
+                    current,
+                    total,
+                } = &mut *s;
                 let mut best = 0;
                 let mut best_w = i64::MIN;
                 for (i, (c, w)) in current.iter_mut().zip(weights.iter()).enumerate() {
@@ -249,7 +267,10 @@ impl WeightedRandom {
                 })
                 .collect()
         });
-        Self { cumulative, n: weights.len() }
+        Self {
+            cumulative,
+            n: weights.len(),
+        }
     }
 
     fn pick(&self) -> usize {
@@ -277,7 +298,10 @@ struct LeastRequest {
 impl LeastRequest {
     fn new(weights: &[u32]) -> Self {
         let active: Arc<[AtomicU32]> = weights.iter().map(|_| AtomicU32::new(0)).collect();
-        Self { choose: WeightedRandom::new(weights), active }
+        Self {
+            choose: WeightedRandom::new(weights),
+            active,
+        }
     }
 
     /// Power of two choices: two candidates drawn by weight, the one with fewer active
@@ -295,7 +319,12 @@ impl LeastRequest {
         if let Some(c) = self.active.get(idx) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        (idx, LoadGuard { active: Some((self.active.clone(), idx)) })
+        (
+            idx,
+            LoadGuard {
+                active: Some((self.active.clone(), idx)),
+            },
+        )
     }
 }
 
@@ -382,7 +411,11 @@ impl Maglev {
             m += 1;
         }
         let n = endpoints.len();
-        let max_w = endpoints.iter().map(|e| u64::from(e.weight.max(1))).max().unwrap_or(1);
+        let max_w = endpoints
+            .iter()
+            .map(|e| u64::from(e.weight.max(1)))
+            .max()
+            .unwrap_or(1);
         let mut offset = Vec::with_capacity(n);
         let mut skip = Vec::with_capacity(n);
         let mut key = String::with_capacity(64);
@@ -426,7 +459,9 @@ impl Maglev {
 
     fn pick(&self, hash: u64) -> usize {
         let len = self.table.len() as u64;
-        self.table.get((hash % len.max(1)) as usize).map_or(0, |&i| i as usize)
+        self.table
+            .get((hash % len.max(1)) as usize)
+            .map_or(0, |&i| i as usize)
     }
 }
 
@@ -464,13 +499,20 @@ mod tests {
         for (i, (&c, &w)) in counts.iter().zip(weights).enumerate() {
             let want = total as f64 * f64::from(w) / f64::from(wsum);
             let err = (c as f64 - want).abs() / want;
-            assert!(err <= tol, "endpoint {i}: got {c}, want ~{want:.0} (err {err:.3}); all {counts:?}");
+            assert!(
+                err <= tol,
+                "endpoint {i}: got {c}, want ~{want:.0} (err {err:.3}); all {counts:?}"
+            );
         }
     }
 
     #[test]
     fn empty_and_single() {
-        assert!(Balancer::new(LbPolicy::RoundRobin, &[]).pick(None).is_none());
+        assert!(
+            Balancer::new(LbPolicy::RoundRobin, &[])
+                .pick(None)
+                .is_none()
+        );
         let b = Balancer::new(LbPolicy::LeastRequest, &eps(&[3]));
         for _ in 0..10 {
             assert_eq!(b.pick(None).unwrap().0, 0);
@@ -533,7 +575,9 @@ mod tests {
     #[test]
     fn least_request_guard_releases() {
         let b = Balancer::new(LbPolicy::LeastRequest, &eps(&[1, 1]));
-        let Kind::LeastRequest(lr) = &b.kind else { panic!("kind") };
+        let Kind::LeastRequest(lr) = &b.kind else {
+            panic!("kind")
+        };
         let guards: Vec<_> = (0..10).map(|_| b.pick(None).unwrap().1).collect();
         let sum: u32 = lr.active.iter().map(|c| c.load(Ordering::Relaxed)).sum();
         assert_eq!(sum, 10);
@@ -553,7 +597,9 @@ mod tests {
     fn hash_policy_consistency(policy: LbPolicy, max_moved_from_survivors: f64) {
         let all = eps(&[1; 10]);
         let b = Balancer::new(policy, &all);
-        let keys: Vec<u64> = (0..20_000).map(|k| hash64(format!("user-{k}").as_bytes())).collect();
+        let keys: Vec<u64> = (0..20_000)
+            .map(|k| hash64(format!("user-{k}").as_bytes()))
+            .collect();
         let before: Vec<usize> = keys.iter().map(|&h| b.pick(Some(h)).unwrap().0).collect();
         // Same key, same endpoint.
         for (&h, &i) in keys.iter().zip(&before) {
@@ -582,12 +628,21 @@ mod tests {
             }
         }
         let frac = moved as f64 / survivors as f64;
-        assert!(frac <= max_moved_from_survivors, "{policy:?}: {frac:.4} of survivors' keys moved");
+        assert!(
+            frac <= max_moved_from_survivors,
+            "{policy:?}: {frac:.4} of survivors' keys moved"
+        );
     }
 
     #[test]
     fn ring_hash_is_consistent() {
-        hash_policy_consistency(LbPolicy::RingHash { minimum_ring_size: 1024, maximum_ring_size: 8_388_608 }, 0.0);
+        hash_policy_consistency(
+            LbPolicy::RingHash {
+                minimum_ring_size: 1024,
+                maximum_ring_size: 8_388_608,
+            },
+            0.0,
+        );
     }
 
     #[test]
@@ -599,7 +654,13 @@ mod tests {
     #[test]
     fn ring_hash_respects_weights() {
         let w = [1, 2, 5];
-        let b = Balancer::new(LbPolicy::RingHash { minimum_ring_size: 4096, maximum_ring_size: 1 << 20 }, &eps(&w));
+        let b = Balancer::new(
+            LbPolicy::RingHash {
+                minimum_ring_size: 4096,
+                maximum_ring_size: 1 << 20,
+            },
+            &eps(&w),
+        );
         assert_weighted(&distribution(&b, 3, 60_000, true), &w, 0.2);
     }
 
@@ -607,7 +668,9 @@ mod tests {
     fn maglev_respects_weights() {
         let w = [1, 2, 5];
         let b = Balancer::new(LbPolicy::Maglev { table_size: 65537 }, &eps(&w));
-        let Kind::Maglev(m) = &b.kind else { panic!("kind") };
+        let Kind::Maglev(m) = &b.kind else {
+            panic!("kind")
+        };
         let mut slots = [0usize; 3];
         for &i in &m.table {
             slots[i as usize] += 1;
@@ -619,7 +682,9 @@ mod tests {
     #[test]
     fn maglev_rounds_table_to_prime() {
         let b = Balancer::new(LbPolicy::Maglev { table_size: 100 }, &eps(&[1, 1]));
-        let Kind::Maglev(m) = &b.kind else { panic!("kind") };
+        let Kind::Maglev(m) = &b.kind else {
+            panic!("kind")
+        };
         assert_eq!(m.table.len(), 101);
         assert!(m.table.iter().all(|&i| i < 2));
     }
@@ -630,7 +695,9 @@ mod tests {
         assert_ne!(hash64(b"abc"), hash64(b"abd"));
         assert_ne!(hash64_seeded(b"abc", 1), hash64_seeded(b"abc", 2));
         // Bits are used evenly: top bit set about half the time.
-        let ones = (0..10_000u32).filter(|k| hash64(&k.to_le_bytes()) >> 63 == 1).count();
+        let ones = (0..10_000u32)
+            .filter(|k| hash64(&k.to_le_bytes()) >> 63 == 1)
+            .count();
         assert!((4500..5500).contains(&ones), "{ones}");
     }
 

@@ -37,7 +37,9 @@ struct Upstream {
 }
 
 fn full(b: impl Into<Bytes>) -> UpBody {
-    Full::new(b.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 /// An upstream speaking HTTP/1.1 and h2c, naming itself in `x-upstream`.
@@ -49,7 +51,9 @@ async fn upstream(name: &'static str) -> Upstream {
     let (acc, reqs) = (accepted.clone(), requests.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             acc.fetch_add(1, Ordering::SeqCst);
             let reqs = reqs.clone();
             tokio::spawn(async move {
@@ -63,13 +67,23 @@ async fn upstream(name: &'static str) -> Upstream {
             });
         }
     });
-    Upstream { addr, accepted, requests }
+    Upstream {
+        addr,
+        accepted,
+        requests,
+    }
 }
 
-async fn upstream_handler(name: &'static str, mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_handler(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let pq = req.uri().path_and_query().map_or("/".to_owned(), |p| p.to_string());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.to_string());
     let host = req
         .headers()
         .get(header::HOST)
@@ -98,13 +112,18 @@ async fn upstream_handler(name: &'static str, mut req: Request<Incoming>) -> Res
             });
             let mut res = Response::new(full(""));
             *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            res.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            res.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             res
         }
         "/echo" => Response::new(req.into_body().boxed()),
         "/delay" => {
-            let ms: u64 = query.strip_prefix("ms=").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let ms: u64 = query
+                .strip_prefix("ms=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Response::new(full("late"))
         }
@@ -148,7 +167,13 @@ fn cluster(name: &str, addrs: &[SocketAddr]) -> cfg::Cluster {
         name: name.into(),
         connect_timeout: Duration::from_secs(2),
         lb_policy: cfg::LbPolicy::RoundRobin,
-        endpoints: addrs.iter().map(|a| cfg::Endpoint { address: *a, weight: 1 }).collect(),
+        endpoints: addrs
+            .iter()
+            .map(|a| cfg::Endpoint {
+                address: *a,
+                weight: 1,
+            })
+            .collect(),
         protocol: cfg::UpstreamProtocol::Http1,
         idle_timeout: None,
     }
@@ -156,7 +181,13 @@ fn cluster(name: &str, addrs: &[SocketAddr]) -> cfg::Cluster {
 
 fn forward(clusters: &[(&str, u32)]) -> cfg::Forward {
     cfg::Forward {
-        clusters: clusters.iter().map(|(n, w)| cfg::WeightedCluster { name: (*n).into(), weight: *w }).collect(),
+        clusters: clusters
+            .iter()
+            .map(|(n, w)| cfg::WeightedCluster {
+                name: (*n).into(),
+                weight: *w,
+            })
+            .collect(),
         path_rewrite: None,
         host_rewrite: None,
         timeout: None,
@@ -168,7 +199,10 @@ fn forward(clusters: &[(&str, u32)]) -> cfg::Forward {
 fn route(name: &str, path: cfg::PathMatch, action: cfg::RouteAction) -> cfg::Route {
     cfg::Route {
         name: name.into(),
-        matcher: cfg::RouteMatch { path, ..Default::default() },
+        matcher: cfg::RouteMatch {
+            path,
+            ..Default::default()
+        },
         request_headers: cfg::HeaderMutation::default(),
         response_headers: cfg::HeaderMutation::default(),
         action,
@@ -225,7 +259,9 @@ impl Proxy {
     fn swap(&self, config: cfg::Config) {
         let old = self.shared.snapshot.load_full();
         let http = biplane_proxy::http::compile(&config, &self.shared.metrics, Some(&old.http));
-        self.shared.snapshot.store(Arc::new(Snapshot { config, http }));
+        self.shared
+            .snapshot
+            .store(Arc::new(Snapshot { config, http }));
     }
 
     fn url(&self, path: &str) -> String {
@@ -239,7 +275,10 @@ async fn proxy(config: cfg::Config, hcm: cfg::HttpConnectionManager) -> Proxy {
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(Snapshot { config, http }),
         metrics,
-        options: ProxyOptions { access_log: false, ..ProxyOptions::default() },
+        options: ProxyOptions {
+            access_log: false,
+            ..ProxyOptions::default()
+        },
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -248,7 +287,9 @@ async fn proxy(config: cfg::Config, hcm: cfg::HttpConnectionManager) -> Proxy {
     let sh = shared.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { return };
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
             let conn = ConnInfo {
                 listener: "test".into(),
                 peer,
@@ -257,10 +298,20 @@ async fn proxy(config: cfg::Config, hcm: cfg::HttpConnectionManager) -> Proxy {
                 alpn_h2: false,
                 sni: None,
             };
-            tokio::spawn(biplane_proxy::http::serve_connection(stream, conn, hcm.clone(), sh.clone(), rx.clone()));
+            tokio::spawn(biplane_proxy::http::serve_connection(
+                stream,
+                conn,
+                hcm.clone(),
+                sh.clone(),
+                rx.clone(),
+            ));
         }
     });
-    Proxy { addr, shared, shutdown: tx }
+    Proxy {
+        addr,
+        shared,
+        shutdown: tx,
+    }
 }
 
 fn h1_client() -> Client<HttpConnector, Full<Bytes>> {
@@ -275,26 +326,43 @@ struct Got {
 
 impl Got {
     fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
 async fn collect(res: Response<Incoming>) -> Got {
     let (parts, body) = res.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
-    Got { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
 }
 
 async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Got {
     get_with(client, url, &[]).await
 }
 
-async fn get_with(client: &Client<HttpConnector, Full<Bytes>>, url: &str, headers: &[(&str, &str)]) -> Got {
+async fn get_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Got {
     let mut req = Request::get(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    collect(client.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap()).await
+    collect(
+        client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 /// Raw HTTP/1.1 exchange: write `raw`, read until the peer closes or `deadline`.
@@ -326,7 +394,11 @@ fn fwd(clusters: &[(&str, u32)]) -> cfg::RouteAction {
 async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
@@ -334,24 +406,38 @@ async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
     let got = get_with(
         &c,
         &p.url("/hello?x=1"),
-        &[("host", "svc.example.com"), ("connection", "x-private"), ("x-private", "1"), ("x-forwarded-for", "192.0.2.1")],
+        &[
+            ("host", "svc.example.com"),
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("x-forwarded-for", "192.0.2.1"),
+        ],
     )
     .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.header("x-upstream"), "a");
     assert_eq!(got.header("x-seen-path"), "/hello?x=1");
     assert_eq!(got.header("x-seen-host"), "svc.example.com");
-    assert!(got.body.contains("x-forwarded-for: 192.0.2.1, 127.0.0.1\n"), "{}", got.body);
-    assert!(got.body.contains("x-forwarded-proto: http\n"), "{}", got.body);
+    assert!(
+        got.body.contains("x-forwarded-for: 192.0.2.1, 127.0.0.1\n"),
+        "{}",
+        got.body
+    );
+    assert!(
+        got.body.contains("x-forwarded-proto: http\n"),
+        "{}",
+        got.body
+    );
     assert!(!got.body.contains("x-private"), "{}", got.body);
     // Metrics: one 2xx for route r, backend a, listener test.
     let m = p.shared.metrics.encode();
     assert!(
-        m.lines().any(|l| l.starts_with("biplane_http_requests_total{")
-            && l.contains("route=\"r\"")
-            && l.contains("backend=\"a\"")
-            && l.contains("class=\"2xx\"")
-            && l.ends_with(" 1")),
+        m.lines()
+            .any(|l| l.starts_with("biplane_http_requests_total{")
+                && l.contains("route=\"r\"")
+                && l.contains("backend=\"a\"")
+                && l.contains("class=\"2xx\"")
+                && l.ends_with(" 1")),
         "{m}"
     );
 }
@@ -383,7 +469,11 @@ async fn weighted_split_within_tolerance() {
 async fn keep_alive_reuses_upstream_connection() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
@@ -392,7 +482,11 @@ async fn keep_alive_reuses_upstream_connection() {
         assert_eq!(get(&c, &p.url("/")).await.status, StatusCode::OK);
     }
     assert_eq!(up.requests.load(Ordering::SeqCst), 20);
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "sequential requests share one pooled connection");
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "sequential requests share one pooled connection"
+    );
 }
 
 #[tokio::test]
@@ -411,7 +505,10 @@ async fn local_errors_404_503() {
                 route(
                     "unresolved",
                     prefix("/unresolved"),
-                    cfg::RouteAction::DirectResponse { status: 500, body: "backend not found".into() },
+                    cfg::RouteAction::DirectResponse {
+                        status: 500,
+                        body: "backend not found".into(),
+                    },
                 ),
             ],
             vec![cluster("dead", &[dead]), cluster("empty", &[])],
@@ -430,7 +527,12 @@ async fn local_errors_404_503() {
     let got = get_with(&c, &p.url("/down"), &[("host", "app.example.com")]).await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.body);
     assert_eq!(got.header("x-biplane-error"), "upstream_connect_failure");
-    assert!(p.shared.metrics.encode().contains("biplane_upstream_connect_failures_total{cluster=\"dead\"} 1"));
+    assert!(
+        p.shared
+            .metrics
+            .encode()
+            .contains("biplane_upstream_connect_failures_total{cluster=\"dead\"} 1")
+    );
 
     let got = get_with(&c, &p.url("/empty"), &[("host", "app.example.com")]).await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -448,7 +550,11 @@ async fn timeout_gives_504() {
     f.timeout = Some(Duration::from_secs(5));
     f.per_try_timeout = Some(Duration::from_millis(150));
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))], vec![cluster("slow", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))],
+            vec![cluster("slow", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
@@ -465,7 +571,11 @@ async fn timeout_gives_504() {
 async fn smuggling_shapes_get_400_and_never_reach_upstream() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
@@ -480,7 +590,11 @@ async fn smuggling_shapes_get_400_and_never_reach_upstream() {
         assert!(res.contains("x-biplane-error: bad_request"), "{res}");
     }
     // Differing lengths: hyper's own 400.
-    let res = raw_exchange(p.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").await;
+    let res = raw_exchange(
+        p.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    )
+    .await;
     assert!(res.starts_with("HTTP/1.1 400"), "{res}");
     // A clean request first on the same connection, then a bad one: the first is served.
     let res = raw_exchange(
@@ -490,7 +604,11 @@ async fn smuggling_shapes_get_400_and_never_reach_upstream() {
     .await;
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     assert!(res.contains("HTTP/1.1 400"), "{res}");
-    assert_eq!(up.requests.load(Ordering::SeqCst), 1, "only the clean request went upstream");
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        1,
+        "only the clean request went upstream"
+    );
 }
 
 #[tokio::test]
@@ -499,26 +617,44 @@ async fn headers_too_large_get_431() {
     let mut small = hcm();
     small.max_request_headers_kb = 2;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         small,
     )
     .await;
     // Over the limit but within hyper's 8 KiB minimum buffer: our guard answers.
-    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(3000));
+    let raw = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(3000)
+    );
     let res = raw_exchange(p.addr, raw.as_bytes()).await;
     assert!(res.starts_with("HTTP/1.1 431"), "{res}");
     assert!(res.contains("headers_too_large"), "{res}");
     // Over hyper's buffer: hyper answers 431 itself.
-    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let raw = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     let res = raw_exchange(p.addr, raw.as_bytes()).await;
     assert!(res.starts_with("HTTP/1.1 431"), "{res}");
     // Within the limit: fine.
-    let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Ok: {}\r\n\r\n", "a".repeat(500));
+    let raw = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Ok: {}\r\n\r\n",
+        "a".repeat(500)
+    );
     let res = raw_exchange(p.addr, raw.as_bytes()).await;
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     // HTTP/2: the h2 layer answers 431 for a header list over the limit.
-    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
-    let req = Request::get(p.url("/")).header("x-big", "a".repeat(3000)).body(Full::new(Bytes::new())).unwrap();
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let req = Request::get(p.url("/"))
+        .header("x-big", "a".repeat(3000))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let res = h2.request(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
@@ -528,25 +664,36 @@ async fn headers_too_large_get_431() {
 async fn h2c_prior_knowledge_downstream() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
-    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
-    let req = Request::get(format!("http://h2.example.com:{}/x", p.addr.port()))
-        .body(Full::new(Bytes::new()))
+    // Prior knowledge on a plain socket, so that :authority is a name, not the address.
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://h2.example.com/x?y=1")
+        .body(Empty::<Bytes>::new())
         .unwrap();
-    // Connect to the proxy but keep the authority: dial by address with a custom URI.
-    let mut req = req;
-    *req.uri_mut() = p.url("/x").parse().unwrap();
-    req.headers_mut().insert(header::HOST, HeaderValue::from_static("ignored"));
-    let got = collect(h2.request(req).await.unwrap()).await;
+    let got = collect(send.send_request(req).await.unwrap()).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.header("x-upstream"), "a");
-    // Upstream is HTTP/1.1; the Host it sees is the h2 :authority... or the Host header
-    // the client sent (hyper's client sends both; the header wins, as in Envoy).
+    // HTTP/1.1 upstream: the h2 :authority became the Host header.
     assert_eq!(got.header("x-seen-version"), "HTTP/1.1");
-    assert!(!got.header("x-seen-host").is_empty());
+    assert_eq!(got.header("x-seen-host"), "h2.example.com");
+    assert_eq!(got.header("x-seen-path"), "/x?y=1");
+    assert!(
+        got.body.contains("x-forwarded-proto: http\n"),
+        "{}",
+        got.body
+    );
 }
 
 #[tokio::test]
@@ -554,8 +701,18 @@ async fn grpc_like_trailers_pass_through_h2() {
     let up = upstream("grpc").await;
     let mut c = cluster("grpc", &[up.addr]);
     c.protocol = cfg::UpstreamProtocol::Http2;
-    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("grpc", 1)]))], vec![c]), hcm()).await;
-    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("grpc", 1)]))],
+            vec![c],
+        ),
+        hcm(),
+    )
+    .await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
     let req = Request::post(p.url("/trailers"))
         .header("te", "trailers")
         .header("content-type", "application/grpc")
@@ -564,37 +721,70 @@ async fn grpc_like_trailers_pass_through_h2() {
     let res = h2.request(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-seen-version"], "HTTP/2.0");
+    // The h2 upstream got the downstream authority as :authority, not the endpoint address.
+    assert_eq!(res.headers()["x-seen-host"], p.addr.to_string().as_str());
     let collected = res.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().expect("trailers");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(collected.to_bytes(), "grpc-ish");
+    // More requests multiplex over the one upstream h2 connection.
+    for _ in 0..5 {
+        let req = Request::get(p.url("/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(h2.request(req).await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn bodies_stream_both_ways() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
-    let req = Request::post("/echo").header("host", "a").body(body).unwrap();
+    let req = Request::post("/echo")
+        .header("host", "a")
+        .body(body)
+        .unwrap();
     tx.send_data(Bytes::from_static(b"first")).await.unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await.unwrap().unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.into_body();
     // The first chunk comes back before the request body is finished.
-    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(frame.into_data().unwrap(), "first");
     tx.send_data(Bytes::from_static(b"second")).await.unwrap();
-    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(frame.into_data().unwrap(), "second");
     drop(tx);
-    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.unwrap().unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(rest.to_bytes().is_empty());
 }
 
@@ -602,12 +792,18 @@ async fn bodies_stream_both_ways() {
 async fn websocket_upgrade_tunnels() {
     let up = upstream("ws").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("ws", 1)]))], vec![cluster("ws", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("ws", 1)]))],
+            vec![cluster("ws", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn.with_upgrades());
     let req = Request::get("/ws")
         .header("host", "a")
@@ -624,7 +820,10 @@ async fn websocket_upgrade_tunnels() {
     let mut io = TokioIo::new(upgraded);
     io.write_all(b"ping through the tunnel").await.unwrap();
     let mut buf = vec![0u8; 23];
-    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(buf, b"ping through the tunnel");
 }
 
@@ -633,18 +832,40 @@ async fn config_swap_applies_to_next_request_on_same_connection() {
     let a = upstream("a").await;
     let b = upstream("b").await;
     let clusters = vec![cluster("a", &[a.addr]), cluster("b", &[b.addr])];
-    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], clusters.clone()), hcm()).await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            clusters.clone(),
+        ),
+        hcm(),
+    )
+    .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = || Request::get("/").header("host", "x").body(Empty::<Bytes>::new()).unwrap();
+    let req = || {
+        Request::get("/")
+            .header("host", "x")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
     let res = send.send_request(req()).await.unwrap();
     assert_eq!(res.headers()["x-upstream"], "a");
     res.into_body().collect().await.unwrap();
     let old_a = p.shared.snapshot.load().http.clusters["a"].clone();
-    p.swap(config(&["*"], vec![route("r", prefix("/"), fwd(&[("b", 1)]))], clusters));
+    p.swap(config(
+        &["*"],
+        vec![route("r", prefix("/"), fwd(&[("b", 1)]))],
+        clusters,
+    ));
     // Unchanged clusters are carried over (same pool).
-    assert!(Arc::ptr_eq(&old_a, &p.shared.snapshot.load().http.clusters["a"]));
+    assert!(Arc::ptr_eq(
+        &old_a,
+        &p.shared.snapshot.load().http.clusters["a"]
+    ));
     let res = send.send_request(req()).await.unwrap();
     assert_eq!(res.headers()["x-upstream"], "b");
 }
@@ -677,36 +898,87 @@ async fn redirect_rewrite_and_header_mutation() {
             status: 301,
         }),
     );
-    let p = proxy(config(&["*"], vec![api, redirect], vec![cluster("a", &[up.addr])]), hcm()).await;
+    let p = proxy(
+        config(&["*"], vec![api, redirect], vec![cluster("a", &[up.addr])]),
+        hcm(),
+    )
+    .await;
     let c = h1_client();
-    let got = get_with(&c, &p.url("/v1/items?q=1"), &[("host", "api.example.com"), ("x-drop", "1"), ("x-set", "old")]).await;
+    let got = get_with(
+        &c,
+        &p.url("/v1/items?q=1"),
+        &[
+            ("host", "api.example.com"),
+            ("x-drop", "1"),
+            ("x-set", "old"),
+        ],
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.header("x-seen-path"), "/v2/items?q=1");
     assert_eq!(got.header("x-seen-host"), "internal.svc");
     assert!(!got.body.contains("x-drop"), "{}", got.body);
-    assert!(got.body.contains("x-set: s\n") && got.body.contains("x-add: a\n"), "{}", got.body);
+    assert!(
+        got.body.contains("x-set: s\n") && got.body.contains("x-add: a\n"),
+        "{}",
+        got.body
+    );
     assert_eq!(got.header("x-resp"), "r");
     assert!(got.headers.get("x-seen-version").is_none());
 
-    let got = get_with(&c, &p.url("/old/page?a=b"), &[("host", "www.example.com:8080")]).await;
+    let got = get_with(
+        &c,
+        &p.url("/old/page?a=b"),
+        &[("host", "www.example.com:8080")],
+    )
+    .await;
     assert_eq!(got.status, StatusCode::MOVED_PERMANENTLY);
-    assert_eq!(got.header("location"), "https://www.example.com/new/page?a=b");
+    assert_eq!(
+        got.header("location"),
+        "https://www.example.com/new/page?a=b"
+    );
 }
 
 #[tokio::test]
 async fn ring_hash_is_sticky_on_header() {
-    let ups = [upstream("u0").await, upstream("u1").await, upstream("u2").await, upstream("u3").await];
+    let ups = [
+        upstream("u0").await,
+        upstream("u1").await,
+        upstream("u2").await,
+        upstream("u3").await,
+    ];
     let mut c = cluster("ring", &ups.iter().map(|u| u.addr).collect::<Vec<_>>());
-    c.lb_policy = cfg::LbPolicy::RingHash { minimum_ring_size: 1024, maximum_ring_size: 8_388_608 };
+    c.lb_policy = cfg::LbPolicy::RingHash {
+        minimum_ring_size: 1024,
+        maximum_ring_size: 8_388_608,
+    };
     let mut f = forward(&[("ring", 1)]);
     f.hash_policy = vec![cfg::HashPolicy::Header("x-user".into())];
-    let p = proxy(config(&["*"], vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))], vec![c]), hcm()).await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), cfg::RouteAction::Forward(f))],
+            vec![c],
+        ),
+        hcm(),
+    )
+    .await;
     let client = h1_client();
     let mut seen = std::collections::HashSet::new();
-    for user in ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"] {
-        let first = get_with(&client, &p.url("/"), &[("x-user", user)]).await.header("x-upstream").to_owned();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let first = get_with(&client, &p.url("/"), &[("x-user", user)])
+            .await
+            .header("x-upstream")
+            .to_owned();
         for _ in 0..5 {
-            assert_eq!(get_with(&client, &p.url("/"), &[("x-user", user)]).await.header("x-upstream"), first);
+            assert_eq!(
+                get_with(&client, &p.url("/"), &[("x-user", user)])
+                    .await
+                    .header("x-upstream"),
+                first
+            );
         }
         seen.insert(first);
     }
@@ -732,12 +1004,24 @@ async fn idle_keep_alive_connection_is_closed() {
     let up = upstream("a").await;
     let mut h = hcm();
     h.idle_timeout = Some(Duration::from_millis(200));
-    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]), h)
-        .await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
+        h,
+    )
+    .await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
     let t0 = Instant::now();
-    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await, "idle connection not closed");
+    assert!(
+        closed_by_server(&mut s, Duration::from_secs(5)).await,
+        "idle connection not closed"
+    );
     assert!(t0.elapsed() >= Duration::from_millis(150));
     // A connection that never sends a request is closed too.
     let mut s = TcpStream::connect(p.addr).await.unwrap();
@@ -748,14 +1032,25 @@ async fn idle_keep_alive_connection_is_closed() {
 async fn drain_closes_connections_after_in_flight_response() {
     let up = upstream("a").await;
     let p = proxy(
-        config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]),
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
         hcm(),
     )
     .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     let conn_task = tokio::spawn(conn);
-    let in_flight = send.send_request(Request::get("/delay?ms=300").header("host", "a").body(Empty::<Bytes>::new()).unwrap());
+    let in_flight = send.send_request(
+        Request::get("/delay?ms=300")
+            .header("host", "a")
+            .body(Empty::<Bytes>::new())
+            .unwrap(),
+    );
     let in_flight = tokio::spawn(in_flight);
     // Wait until the upstream has the request, then drain.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -769,33 +1064,59 @@ async fn drain_closes_connections_after_in_flight_response() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["connection"], "close");
     let _ = res.into_body().collect().await;
-    tokio::time::timeout(Duration::from_secs(5), conn_task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), conn_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
 async fn access_log_line_written() {
     // Exercise the logging path end to end (the line goes to stdout; format is unit-tested).
     let up = upstream("a").await;
-    let p = proxy(config(&["*"], vec![route("r", prefix("/"), fwd(&[("a", 1)]))], vec![cluster("a", &[up.addr])]), hcm())
-        .await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
+        hcm(),
+    )
+    .await;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::new(p.shared.snapshot.load_full()),
         metrics: p.shared.metrics.clone(),
-        options: ProxyOptions { access_log: true, ..ProxyOptions::default() },
+        options: ProxyOptions {
+            access_log: true,
+            ..ProxyOptions::default()
+        },
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let (stream, peer) = listener.accept().await.unwrap();
-        let conn = ConnInfo { listener: "logged".into(), peer, local: addr, tls: false, alpn_h2: false, sni: None };
+        let conn = ConnInfo {
+            listener: "logged".into(),
+            peer,
+            local: addr,
+            tls: false,
+            alpn_h2: false,
+            sni: None,
+        };
         biplane_proxy::http::serve_connection(stream, conn, Arc::new(hcm()), shared, rx).await;
     });
     let c = h1_client();
-    let req = Request::post(format!("http://{addr}/echo")).body(Full::new(Bytes::from_static(b"12345"))).unwrap();
+    let req = Request::post(format!("http://{addr}/echo"))
+        .body(Full::new(Bytes::from_static(b"12345")))
+        .unwrap();
     let got = collect(c.request(req).await.unwrap()).await;
     assert_eq!(got.body, "12345");
 }
 
-#[allow(dead_code, reason = "keeps the Frame import meaningful for future trailer tests")]
+#[allow(
+    dead_code,
+    reason = "keeps the Frame import meaningful for future trailer tests"
+)]
 fn _frame(_: Frame<Bytes>, _: Method) {}

@@ -87,6 +87,7 @@
 //!   `num_retries: 0`); its `per_try_timeout` is honoured.
 
 pub mod from_xds;
+pub mod server;
 #[path = "static.rs"]
 pub mod static_config;
 pub mod to_xds;

@@ -112,7 +112,9 @@ pub(crate) fn decode_events(bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
         }
     }
     if !r.buf.is_empty() {
-        return Err(StoreError::Corrupt("trailing bytes in event log entry".into()));
+        return Err(StoreError::Corrupt(
+            "trailing bytes in event log entry".into(),
+        ));
     }
     Ok(events)
 }
@@ -232,7 +234,10 @@ mod tests {
             (3, 7, 2)
         );
         assert_eq!(&rec.value[..], b"hello");
-        assert!(matches!(decode_record(&enc[..10]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode_record(&enc[..10]),
+            Err(StoreError::Corrupt(_))
+        ));
         let ev = encode_events(&[Event::Delete {
             key: "/k".into(),
             mod_revision: 1,

@@ -57,6 +57,9 @@ pub use self::redb::RedbStore;
 /// The future type returned by [`Store`] methods: boxed and `Send`, so `dyn Store` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The default `--data-dir` of the embedded store.
+pub const DEFAULT_DATA_DIR: &str = "./biplane-data";
+
 /// The file name of the embedded store inside its data directory.
 pub const STORE_FILE_NAME: &str = "store.redb";
 
@@ -341,7 +344,9 @@ pub enum StoreError {
     },
     /// A watch asked for history that has been compacted away: re-list, then watch from
     /// the list's revision + 1.
-    #[error("revision {requested} has been compacted (history starts after revision {compact_revision})")]
+    #[error(
+        "revision {requested} has been compacted (history starts after revision {compact_revision})"
+    )]
     Compacted {
         /// The revision asked for.
         requested: u64,
@@ -357,7 +362,9 @@ pub enum StoreError {
         current: u64,
     },
     /// The watcher fell too far behind the writers and was dropped: re-list and watch again.
-    #[error("watch fell behind by more than the buffer allows (at revision {revision}); re-list and watch again")]
+    #[error(
+        "watch fell behind by more than the buffer allows (at revision {revision}); re-list and watch again"
+    )]
     WatchLagged {
         /// The last revision delivered to (or requested by) this watcher.
         revision: u64,

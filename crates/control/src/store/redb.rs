@@ -41,15 +41,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::Bytes;
 use ::redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 
 use super::codec::{decode_events, decode_record, encode_events, encode_record};
 use super::{
     BoxFuture, Compare, DeleteResponse, Event, GetResponse, KeyValue, Op, Precondition,
-    PutResponse, RangeResponse, STORE_FILE_NAME, Store, StoreError, StoreOptions, Txn,
-    TxnResponse, WatchBatch, WatchStream,
+    PutResponse, RangeResponse, STORE_FILE_NAME, Store, StoreError, StoreOptions, Txn, TxnResponse,
+    WatchBatch, WatchStream,
 };
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
@@ -138,7 +138,9 @@ impl RedbStore {
             .set_cache_size(options.cache_bytes)
             .create(&path)
             .map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen { path: path.clone() },
+                DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::AlreadyOpen { path: path.clone() }
+                }
                 other => StoreError::Open {
                     path: path.clone(),
                     source: Box::new(other),
@@ -276,8 +278,11 @@ impl Inner {
                             Some(p) => (p.create_revision, p.version + 1),
                             None => (new_rev, 1),
                         };
-                        keys.insert(key, encode_record(create, new_rev, version, value).as_slice())
-                            .map_err(backend)?;
+                        keys.insert(
+                            key,
+                            encode_record(create, new_rev, version, value).as_slice(),
+                        )
+                        .map_err(backend)?;
                         events.push(Event::Put {
                             kv: KeyValue {
                                 key: key.to_owned(),
@@ -412,10 +417,7 @@ impl Inner {
     }
 }
 
-fn meta_u64(
-    meta: &impl ReadableTable<&'static str, u64>,
-    name: &str,
-) -> Result<u64, StoreError> {
+fn meta_u64(meta: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<u64, StoreError> {
     Ok(meta.get(name).map_err(backend)?.map_or(0, |g| g.value()))
 }
 

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::conn::ConnCtx;
-use crate::lb::LoadGuard;
+use super::conn::InFlight;
 use super::log::LogEntry;
+use crate::lb::LoadGuard;
 
 /// The downstream request body on its way upstream.
 #[derive(Debug)]
@@ -27,12 +27,18 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, received: Option<Arc<AtomicU64>>) -> Self {
-        Self { inner: Some(inner), received }
+        Self {
+            inner: Some(inner),
+            received,
+        }
     }
 
     /// No body (e.g. after an upgrade request whose body hyper keeps for the tunnel).
     pub fn empty() -> Self {
-        Self { inner: None, received: None }
+        Self {
+            inner: None,
+            received: None,
+        }
     }
 }
 
@@ -45,7 +51,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
         let res = Pin::new(inner).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(c)) = (&res, &this.received)
             && let Some(d) = frame.data_ref()
@@ -60,7 +68,9 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -74,7 +84,8 @@ enum Kind {
 /// Work done once when the response is over.
 #[derive(Debug)]
 pub struct Finish {
-    pub conn: Arc<ConnCtx>,
+    /// Counts the request as in flight on its connection until dropped.
+    pub in_flight: InFlight,
     pub log: Option<Box<LogEntry>>,
     /// Keeps the request counted as active on its endpoint (LeastRequest).
     pub load: Option<LoadGuard>,
@@ -87,7 +98,7 @@ impl Finish {
             log.emit();
         }
         drop(self.load);
-        self.conn.activity.request_done();
+        drop(self.in_flight);
     }
 }
 
@@ -101,16 +112,32 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub fn empty() -> Self {
-        Self { kind: Kind::Empty, sent: 0, finish: None }
+        Self {
+            kind: Kind::Empty,
+            sent: 0,
+            finish: None,
+        }
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        let kind = if bytes.is_empty() { Kind::Empty } else { Kind::Full(Some(bytes)) };
-        Self { kind, sent: 0, finish: None }
+        let kind = if bytes.is_empty() {
+            Kind::Empty
+        } else {
+            Kind::Full(Some(bytes))
+        };
+        Self {
+            kind,
+            sent: 0,
+            finish: None,
+        }
     }
 
     pub fn upstream(inner: Incoming) -> Self {
-        Self { kind: Kind::Upstream(inner), sent: 0, finish: None }
+        Self {
+            kind: Kind::Upstream(inner),
+            sent: 0,
+            finish: None,
+        }
     }
 
     pub fn set_finish(&mut self, finish: Finish) {

@@ -30,11 +30,16 @@ pub struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Self { epoch: Instant::now(), inflight: AtomicUsize::new(0), last_ms: AtomicU64::new(0) }
+        Self {
+            epoch: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
-        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn request_started(&self) {
@@ -57,6 +62,24 @@ impl Activity {
     }
 }
 
+/// A request in flight on its connection (for the idle timeout), released when dropped —
+/// also when hyper drops the request future (client reset, connection gone).
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnCtx>);
+
+impl InFlight {
+    pub fn start(ctx: Arc<ConnCtx>) -> Self {
+        ctx.activity.request_started();
+        Self(ctx)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.activity.request_done();
+    }
+}
+
 /// Per-connection context shared by its requests.
 pub struct ConnCtx {
     pub info: ConnInfo,
@@ -74,7 +97,9 @@ pub struct ConnCtx {
 
 impl std::fmt::Debug for ConnCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnCtx").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("ConnCtx")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 

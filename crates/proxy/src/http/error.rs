@@ -73,7 +73,10 @@ impl HttpError {
         let mut res = Response::new(ResponseBody::full(Bytes::from(body)));
         *res.status_mut() = self.status();
         let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         h.insert("x-biplane-error", HeaderValue::from_static(self.reason()));
         if self.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -91,14 +94,37 @@ mod tests {
     #[test]
     fn statuses() {
         let cases = [
-            (HttpError::NoRoute { host: "a".into(), path: "/".into() }, 404, "no_route"),
-            (HttpError::NoHealthyEndpoint("c".into()), 503, "no_healthy_upstream"),
-            (HttpError::ConnectFailure("refused".into()), 503, "upstream_connect_failure"),
-            (HttpError::UnknownCluster("c".into()), 503, "unknown_cluster"),
+            (
+                HttpError::NoRoute {
+                    host: "a".into(),
+                    path: "/".into(),
+                },
+                404,
+                "no_route",
+            ),
+            (
+                HttpError::NoHealthyEndpoint("c".into()),
+                503,
+                "no_healthy_upstream",
+            ),
+            (
+                HttpError::ConnectFailure("refused".into()),
+                503,
+                "upstream_connect_failure",
+            ),
+            (
+                HttpError::UnknownCluster("c".into()),
+                503,
+                "unknown_cluster",
+            ),
             (HttpError::Timeout, 504, "upstream_timeout"),
             (HttpError::BadRequest("smuggling"), 400, "bad_request"),
             (HttpError::HeadersTooLarge, 431, "headers_too_large"),
-            (HttpError::UpstreamProtocol("reset".into()), 502, "upstream_protocol_error"),
+            (
+                HttpError::UpstreamProtocol("reset".into()),
+                502,
+                "upstream_protocol_error",
+            ),
         ];
         for (err, status, reason) in cases {
             let res = err.to_response();
@@ -113,7 +139,10 @@ mod tests {
 
     #[test]
     fn no_route_body_says_why() {
-        let e = HttpError::NoRoute { host: "example.com".into(), path: "/x".into() };
+        let e = HttpError::NoRoute {
+            host: "example.com".into(),
+            path: "/x".into(),
+        };
         assert_eq!(e.to_string(), "no route for host example.com path /x");
     }
 }

@@ -16,10 +16,17 @@ impl HeaderMutation {
     /// Invalid names or values (which validation should have rejected) are skipped.
     pub fn compile(m: &biplane_config::HeaderMutation) -> Self {
         let pair = |(n, v): &(String, String)| {
-            Some((HeaderName::from_bytes(n.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?))
+            Some((
+                HeaderName::from_bytes(n.as_bytes()).ok()?,
+                HeaderValue::from_str(v).ok()?,
+            ))
         };
         Self {
-            remove: m.remove.iter().filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect(),
+            remove: m
+                .remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
             set: m.set.iter().filter_map(pair).collect(),
             add: m.add.iter().filter_map(pair).collect(),
         }
@@ -73,10 +80,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers
     }
     if headers.contains_key(header::TE) {
         let trailers = keep_te_trailers
-            && headers
-                .get_all(header::TE)
-                .iter()
-                .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+            && headers.get_all(header::TE).iter().any(|v| {
+                v.as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            });
         headers.remove(header::TE);
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -88,7 +96,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
         })
 }
 
@@ -141,9 +151,15 @@ pub fn set_forwarded(
 pub enum PathRewrite {
     /// Replace the first `matched_len` bytes of the path (the route's matched prefix,
     /// normalised without a trailing slash) with `with`. Gateway API `ReplacePrefixMatch`.
-    ReplacePrefix { matched_len: Option<usize>, with: String },
+    ReplacePrefix {
+        matched_len: Option<usize>,
+        with: String,
+    },
     /// Replace every match of `pattern` (Rust `$1` syntax in `substitution`).
-    Regex { pattern: regex::Regex, substitution: String },
+    Regex {
+        pattern: regex::Regex,
+        substitution: String,
+    },
 }
 
 impl PathRewrite {
@@ -151,10 +167,14 @@ impl PathRewrite {
     /// prefix (`None`: the whole path is replaced).
     pub fn compile(r: &biplane_config::PathRewrite, matched_prefix_len: Option<usize>) -> Self {
         match r {
-            biplane_config::PathRewrite::ReplacePrefix(with) => {
-                PathRewrite::ReplacePrefix { matched_len: matched_prefix_len, with: with.clone() }
-            }
-            biplane_config::PathRewrite::Regex { pattern, substitution } => PathRewrite::Regex {
+            biplane_config::PathRewrite::ReplacePrefix(with) => PathRewrite::ReplacePrefix {
+                matched_len: matched_prefix_len,
+                with: with.clone(),
+            },
+            biplane_config::PathRewrite::Regex {
+                pattern,
+                substitution,
+            } => PathRewrite::Regex {
                 pattern: pattern.clone(),
                 substitution: envoy_to_rust_substitution(substitution),
             },
@@ -169,9 +189,12 @@ impl PathRewrite {
                 let cut = matched_len.unwrap_or(path.len()).min(path.len());
                 replace_prefix(path, cut, with)
             }
-            PathRewrite::Regex { pattern, substitution } => {
-                pattern.replace_all(path, substitution.as_str()).into_owned()
-            }
+            PathRewrite::Regex {
+                pattern,
+                substitution,
+            } => pattern
+                .replace_all(path, substitution.as_str())
+                .into_owned(),
         };
         if out.is_empty() || !out.starts_with('/') {
             out.insert(0, '/');
@@ -237,7 +260,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
-            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -249,11 +275,19 @@ mod tests {
             set: vec![("x-set".into(), "new".into())],
             add: vec![("x-add".into(), "2".into())],
         });
-        let mut h = headers(&[("x-gone", "1"), ("x-set", "old"), ("x-set", "old2"), ("x-add", "1")]);
+        let mut h = headers(&[
+            ("x-gone", "1"),
+            ("x-set", "old"),
+            ("x-set", "old2"),
+            ("x-add", "1"),
+        ]);
         m.apply(&mut h);
         assert!(h.get("x-gone").is_none());
         assert_eq!(h.get_all("x-set").iter().collect::<Vec<_>>(), vec!["new"]);
-        assert_eq!(h.get_all("x-add").iter().collect::<Vec<_>>(), vec!["1", "2"]);
+        assert_eq!(
+            h.get_all("x-add").iter().collect::<Vec<_>>(),
+            vec!["1", "2"]
+        );
     }
 
     #[test]
@@ -284,7 +318,11 @@ mod tests {
 
     #[test]
     fn hop_by_hop_keeps_upgrade_for_upgrades() {
-        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
         assert!(is_upgrade_request(&h));
         strip_hop_by_hop(&mut h, true, true);
         assert_eq!(h["upgrade"], "websocket");
@@ -302,12 +340,22 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
 
-        let mut h = headers(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2"), ("x-forwarded-proto", "http")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("x-forwarded-proto", "http"),
+        ]);
         set_forwarded(&mut h, true, &ip, &https);
-        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), vec!["1.1.1.1, 2.2.2.2, 10.1.2.3"]);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            vec!["1.1.1.1, 2.2.2.2, 10.1.2.3"]
+        );
         assert_eq!(h["x-forwarded-proto"], "https");
 
-        let mut h = headers(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "http")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "http"),
+        ]);
         set_forwarded(&mut h, false, &ip, &https);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -331,7 +379,10 @@ mod tests {
 
     #[test]
     fn path_rewrite_apply_keeps_query() {
-        let r = PathRewrite::compile(&biplane_config::PathRewrite::ReplacePrefix("/v2".into()), Some(3));
+        let r = PathRewrite::compile(
+            &biplane_config::PathRewrite::ReplacePrefix("/v2".into()),
+            Some(3),
+        );
         let pq = PathAndQuery::from_static("/v1/items?a=1");
         assert_eq!(r.apply(&pq).unwrap(), "/v2/items?a=1");
 

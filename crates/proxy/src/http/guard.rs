@@ -56,13 +56,20 @@ pub struct GuardShared {
 
 impl Default for GuardShared {
     fn default() -> Self {
-        Self { bad: AtomicU64::new(u64::MAX) }
+        Self {
+            bad: AtomicU64::new(u64::MAX),
+        }
     }
 }
 
 impl GuardShared {
     fn set(&self, index: u64, v: Verdict) {
-        let _ = self.bad.compare_exchange(u64::MAX, (index << 2) | v.code(), Ordering::Release, Ordering::Relaxed);
+        let _ = self.bad.compare_exchange(
+            u64::MAX,
+            (index << 2) | v.code(),
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
     }
 
     /// The verdict for the `index`-th HTTP/1 request (0-based) of the connection.
@@ -99,7 +106,12 @@ const MAX_HEADERS: usize = 128;
 
 impl Framing {
     pub fn new(max_head: usize) -> Self {
-        Self { st: St::Head, head: Vec::new(), max_head, index: 0 }
+        Self {
+            st: St::Head,
+            head: Vec::new(),
+            max_head,
+            index: 0,
+        }
     }
 
     pub fn is_off(&self) -> bool {
@@ -114,7 +126,10 @@ impl Framing {
                 St::Head => {
                     if self.head.is_empty() {
                         // Tolerate CRLFs between requests, as hyper does.
-                        let skip = data.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                        let skip = data
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
                         data = &data[skip..];
                         if data.is_empty() {
                             return None;
@@ -161,12 +176,20 @@ impl Framing {
                 St::Body(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.st = if n == take { St::Head } else { St::Body(n - take) };
+                    self.st = if n == take {
+                        St::Head
+                    } else {
+                        St::Body(n - take)
+                    };
                 }
                 St::ChunkData(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.st = if n == take { St::ChunkEnd } else { St::ChunkData(n - take) };
+                    self.st = if n == take {
+                        St::ChunkEnd
+                    } else {
+                        St::ChunkData(n - take)
+                    };
                 }
                 St::ChunkSize { size, digits, ext } => {
                     let b = data[0];
@@ -181,11 +204,17 @@ impl Framing {
                         }
                         b'\r' => St::ChunkSize { size, digits, ext },
                         _ if ext => St::ChunkSize { size, digits, ext },
-                        b';' | b' ' | b'\t' if digits > 0 => St::ChunkSize { size, digits, ext: true },
+                        b';' | b' ' | b'\t' if digits > 0 => St::ChunkSize {
+                            size,
+                            digits,
+                            ext: true,
+                        },
                         _ => match (b as char).to_digit(16) {
-                            Some(d) if digits < 16 => {
-                                St::ChunkSize { size: size * 16 + u64::from(d), digits: digits + 1, ext }
-                            }
+                            Some(d) if digits < 16 => St::ChunkSize {
+                                size: size * 16 + u64::from(d),
+                                digits: digits + 1,
+                                ext,
+                            },
                             _ => St::Off,
                         },
                     };
@@ -195,7 +224,11 @@ impl Framing {
                     data = &data[1..];
                     self.st = match b {
                         b'\r' => St::ChunkEnd,
-                        b'\n' => St::ChunkSize { size: 0, digits: 0, ext: false },
+                        b'\n' => St::ChunkSize {
+                            size: 0,
+                            digits: 0,
+                            ext: false,
+                        },
                         _ => St::Off,
                     };
                 }
@@ -241,9 +274,16 @@ impl Framing {
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 cl_count += 1;
-                cl = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+                cl = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
+                let last = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .unwrap_or(b"")
+                    .trim_ascii();
                 te_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             } else if h.name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
@@ -266,7 +306,11 @@ impl Framing {
             St::Off
         } else {
             match (te_chunked, cl) {
-                (Some(true), _) => St::ChunkSize { size: 0, digits: 0, ext: false },
+                (Some(true), _) => St::ChunkSize {
+                    size: 0,
+                    digits: 0,
+                    ext: false,
+                },
                 (Some(false), _) => St::Off,
                 (None, Some(0)) => St::Head,
                 (None, Some(len)) => St::Body(len),
@@ -292,13 +336,26 @@ pub struct GuardedIo<IO> {
 }
 
 impl<IO> GuardedIo<IO> {
-    pub fn new(io: IO, shared: std::sync::Arc<GuardShared>, max_head: usize, enabled: bool) -> Self {
-        Self { io, framing: enabled.then(|| Framing::new(max_head)), shared }
+    pub fn new(
+        io: IO,
+        shared: std::sync::Arc<GuardShared>,
+        max_head: usize,
+        enabled: bool,
+    ) -> Self {
+        Self {
+            io,
+            framing: enabled.then(|| Framing::new(max_head)),
+            shared,
+        }
     }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for GuardedIo<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
@@ -315,7 +372,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for GuardedIo<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for GuardedIo<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -406,7 +467,9 @@ POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\
 
     #[test]
     fn steps_aside_for_upgrades_and_h2() {
-        let (v, f) = run(&[b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"]);
+        let (v, f) = run(&[
+            b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+        ]);
         assert_eq!(v, None);
         assert!(f.is_off());
         let (v, f) = run(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]);

@@ -89,7 +89,10 @@ impl LogEntry {
             Version::HTTP_3 => "HTTP/3",
             _ => "unknown",
         });
-        let received = self.bytes_received.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
+        let received = self
+            .bytes_received
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed));
         let _ = write!(
             out,
             "\",\"status\":{},\"bytes_received\":{},\"bytes_sent\":{},\"duration_ms\":{:.3}",
@@ -130,15 +133,22 @@ fn start_writer() -> Option<SyncSender<String>> {
         .map(|_| tx)
 }
 
+/// Batches whatever is queued, then writes it under the stdout lock, which is released
+/// between batches so other writers (tracing, the test harness) are never starved.
 fn write_loop(rx: &Receiver<String>) {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes());
+        batch.extend_from_slice(line.as_bytes());
+        while batch.len() < 256 * 1024
+            && let Ok(line) = rx.try_recv()
+        {
+            batch.extend_from_slice(line.as_bytes());
         }
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&batch);
         let _ = out.flush();
+        drop(out);
+        batch.clear();
     }
 }
 
@@ -214,7 +224,10 @@ mod tests {
         assert_eq!(s, "1970-01-01T00:00:00.000Z");
         s.clear();
         // 2024-02-29T12:34:56.789Z
-        write_rfc3339(&mut s, UNIX_EPOCH + Duration::from_millis(1_709_210_096_789));
+        write_rfc3339(
+            &mut s,
+            UNIX_EPOCH + Duration::from_millis(1_709_210_096_789),
+        );
         assert_eq!(s, "2024-02-29T12:34:56.789Z");
     }
 

@@ -41,10 +41,17 @@ pub struct HttpState {
 /// connection pool, round-robin cursor, least-request counters) is reused when the
 /// cluster's settings and endpoints are unchanged; otherwise a new one is built. Cannot fail
 /// (the config is validated).
-pub fn compile(config: &biplane_config::Config, metrics: &Metrics, previous: Option<&HttpState>) -> HttpState {
+pub fn compile(
+    config: &biplane_config::Config,
+    metrics: &Metrics,
+    previous: Option<&HttpState>,
+) -> HttpState {
     let mut clusters = HashMap::with_capacity(config.clusters.len());
     for c in &config.clusters {
-        let reused = previous.and_then(|p| p.clusters.get(&c.name)).filter(|old| old.same_as(c)).cloned();
+        let reused = previous
+            .and_then(|p| p.clusters.get(&c.name))
+            .filter(|old| old.same_as(c))
+            .cloned();
         let state = reused.unwrap_or_else(|| Arc::new(ClusterState::new(c, metrics)));
         clusters.insert(c.name.clone(), state);
     }
@@ -57,7 +64,10 @@ pub fn compile(config: &biplane_config::Config, metrics: &Metrics, previous: Opt
             if let biplane_config::ChainHandler::Http(hcm) = &fc.handler
                 && seen.insert((hcm.route_config_name.as_str(), l.name.as_str()))
             {
-                users.entry(hcm.route_config_name.as_str()).or_default().push(l.name.as_str().into());
+                users
+                    .entry(hcm.route_config_name.as_str())
+                    .or_default()
+                    .push(l.name.as_str().into());
             }
         }
     }
@@ -67,8 +77,14 @@ pub fn compile(config: &biplane_config::Config, metrics: &Metrics, previous: Opt
         .iter()
         .map(|rc| {
             let listeners = users.get(rc.name.as_str()).map_or(&[][..], Vec::as_slice);
-            (rc.name.clone(), Arc::new(RouteTable::compile(rc, listeners, &clusters, metrics)))
+            (
+                rc.name.clone(),
+                Arc::new(RouteTable::compile(rc, listeners, &clusters, metrics)),
+            )
         })
         .collect();
-    HttpState { route_tables, clusters }
+    HttpState {
+        route_tables,
+        clusters,
+    }
 }

@@ -178,7 +178,10 @@ pub struct Redirect {
 pub enum RedirectPath {
     Full(Box<str>),
     /// Replace the route's matched prefix (`matched_len` bytes; whole path if `None`).
-    ReplacePrefix { matched_len: Option<usize>, with: Box<str> },
+    ReplacePrefix {
+        matched_len: Option<usize>,
+        with: Box<str>,
+    },
 }
 
 #[derive(Debug)]
@@ -262,7 +265,10 @@ impl<'a> Query<'a> {
                 .collect()
         });
         // Gateway API: with repeated names, the first one counts.
-        parsed.iter().find(|(k, _)| *k == name).map(|(_, v)| percent_decode(v))
+        parsed
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| percent_decode(v))
     }
 }
 
@@ -309,8 +315,7 @@ impl PathMatcher {
         match self {
             PathMatcher::Exact(s) => path == &**s,
             PathMatcher::Prefix(p) => {
-                path.starts_with(&**p)
-                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+                path.starts_with(&**p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
             PathMatcher::Regex(re) => re.is_match(path),
         }
@@ -363,7 +368,10 @@ impl Route {
 impl VirtualHost {
     /// The first matching route.
     pub fn find_route(&self, req: &RequestView<'_>) -> Option<&Route> {
-        let mut query = Query { raw: req.query, parsed: None };
+        let mut query = Query {
+            raw: req.query,
+            parsed: None,
+        };
         self.routes.iter().find(|r| r.matches(req, &mut query))
     }
 }
@@ -445,8 +453,15 @@ impl RouteTable {
                     exact.entry(d.into_boxed_str()).or_insert(vi);
                 }
             }
-            let routes = vh.routes.iter().map(|r| compile_route(r, listeners, clusters, metrics)).collect();
-            vhosts.push(VirtualHost { name: vh.name.as_str().into(), routes });
+            let routes = vh
+                .routes
+                .iter()
+                .map(|r| compile_route(r, listeners, clusters, metrics))
+                .collect();
+            vhosts.push(VirtualHost {
+                name: vh.name.as_str().into(),
+                routes,
+            });
         }
         // Longest first; stable sort keeps config order among equals.
         suffix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
@@ -455,12 +470,23 @@ impl RouteTable {
             .iter()
             .map(|l| (l.clone(), StatusCounters::new(metrics, l, "", "")))
             .collect();
-        Self { name: rc.name.as_str().into(), exact, suffix, prefix, any, vhosts, no_route_stats }
+        Self {
+            name: rc.name.as_str().into(),
+            exact,
+            suffix,
+            prefix,
+            any,
+            vhosts,
+            no_route_stats,
+        }
     }
 
     /// 404 counters for a listener.
     pub fn no_route_counters(&self, listener: &str) -> Option<&StatusCounters> {
-        self.no_route_stats.iter().find(|(l, _)| &**l == listener).map(|(_, c)| c)
+        self.no_route_stats
+            .iter()
+            .find(|(l, _)| &**l == listener)
+            .map(|(_, c)| c)
     }
 }
 
@@ -471,7 +497,11 @@ fn compile_route(
     metrics: &Metrics,
 ) -> Route {
     let path = PathMatcher::compile(&r.matcher.path);
-    let method = r.matcher.method.as_deref().and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+    let method = r
+        .matcher
+        .method
+        .as_deref()
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
     let headers = r
         .matcher
         .headers
@@ -488,7 +518,10 @@ fn compile_route(
         .matcher
         .query_params
         .iter()
-        .map(|q| QueryMatcher { name: q.name.as_str().into(), value: ValueMatcher::compile(&q.value) })
+        .map(|q| QueryMatcher {
+            name: q.name.as_str().into(),
+            value: ValueMatcher::compile(&q.value),
+        })
         .collect();
     let action = match &r.action {
         biplane_config::RouteAction::Forward(f) => {
@@ -510,17 +543,27 @@ fn compile_route(
             Action::Forward(Forward {
                 targets,
                 total_weight,
-                path_rewrite: f.path_rewrite.as_ref().map(|p| PathRewrite::compile(p, path.prefix_len())),
-                host_rewrite: f.host_rewrite.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                path_rewrite: f
+                    .path_rewrite
+                    .as_ref()
+                    .map(|p| PathRewrite::compile(p, path.prefix_len())),
+                host_rewrite: f
+                    .host_rewrite
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok()),
                 timeout,
                 hash_policy: f
                     .hash_policy
                     .iter()
                     .filter_map(|h| match h {
                         biplane_config::HashPolicy::Header(n) => {
-                            HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok().map(HashPolicy::Header)
+                            HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+                                .ok()
+                                .map(HashPolicy::Header)
                         }
-                        biplane_config::HashPolicy::Cookie(c) => Some(HashPolicy::Cookie(c.as_str().into())),
+                        biplane_config::HashPolicy::Cookie(c) => {
+                            Some(HashPolicy::Cookie(c.as_str().into()))
+                        }
                         biplane_config::HashPolicy::SourceIp => Some(HashPolicy::SourceIp),
                     })
                     .collect(),
@@ -532,9 +575,10 @@ fn compile_route(
             port: rd.port,
             path: rd.path.as_ref().map(|p| match p {
                 biplane_config::RedirectPath::Full(s) => RedirectPath::Full(s.as_str().into()),
-                biplane_config::RedirectPath::ReplacePrefix(s) => {
-                    RedirectPath::ReplacePrefix { matched_len: path.prefix_len(), with: s.as_str().into() }
-                }
+                biplane_config::RedirectPath::ReplacePrefix(s) => RedirectPath::ReplacePrefix {
+                    matched_len: path.prefix_len(),
+                    with: s.as_str().into(),
+                },
             }),
             status: StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND),
         }),
@@ -550,14 +594,19 @@ fn compile_route(
     let stats = listeners
         .iter()
         .map(|l| {
-            let mut by_target: Vec<StatusCounters> =
-                backends.iter().map(|b| StatusCounters::new(metrics, l, &r.name, b)).collect();
+            let mut by_target: Vec<StatusCounters> = backends
+                .iter()
+                .map(|b| StatusCounters::new(metrics, l, &r.name, b))
+                .collect();
             by_target.push(StatusCounters::new(metrics, l, &r.name, ""));
             RouteStats {
                 listener: l.clone(),
                 duration: metrics
                     .http_request_duration
-                    .get_or_create(&RouteLabels { listener: l.to_string(), route: r.name.clone() })
+                    .get_or_create(&RouteLabels {
+                        listener: l.to_string(),
+                        route: r.name.clone(),
+                    })
                     .clone(),
                 by_target,
             }
@@ -590,12 +639,18 @@ mod tests {
             matcher,
             request_headers: cfg::HeaderMutation::default(),
             response_headers: cfg::HeaderMutation::default(),
-            action: cfg::RouteAction::DirectResponse { status: 200, body: name.into() },
+            action: cfg::RouteAction::DirectResponse {
+                status: 200,
+                body: name.into(),
+            },
         }
     }
 
     fn path(p: cfg::PathMatch) -> cfg::RouteMatch {
-        cfg::RouteMatch { path: p, ..Default::default() }
+        cfg::RouteMatch {
+            path: p,
+            ..Default::default()
+        }
     }
 
     fn table(vhosts: Vec<(&str, Vec<&str>, Vec<cfg::Route>)>) -> RouteTable {
@@ -613,9 +668,20 @@ mod tests {
         RouteTable::compile(&rc, &["l".into()], &HashMap::new(), &Metrics::new())
     }
 
-    fn find<'t>(t: &'t RouteTable, host: &str, method: &Method, uri: &str, headers: &HeaderMap) -> Option<&'t str> {
+    fn find<'t>(
+        t: &'t RouteTable,
+        host: &str,
+        method: &Method,
+        uri: &str,
+        headers: &HeaderMap,
+    ) -> Option<&'t str> {
         let uri: http::Uri = uri.parse().unwrap();
-        let view = RequestView { method, path: uri.path(), query: uri.query(), headers };
+        let view = RequestView {
+            method,
+            path: uri.path(),
+            query: uri.query(),
+            headers,
+        };
         t.find_vhost(host)?.find_route(&view).map(|r| &*r.name)
     }
 
@@ -626,14 +692,37 @@ mod tests {
     #[test]
     fn vhost_selection() {
         let t = table(vec![
-            ("exact", vec!["api.example.com"], vec![route("exact", cfg::RouteMatch::default())]),
-            ("short", vec!["*.example.com"], vec![route("short", cfg::RouteMatch::default())]),
-            ("long", vec!["*.eu.example.com"], vec![route("long", cfg::RouteMatch::default())]),
-            ("pre", vec!["internal.*"], vec![route("pre", cfg::RouteMatch::default())]),
-            ("any", vec!["*"], vec![route("any", cfg::RouteMatch::default())]),
+            (
+                "exact",
+                vec!["api.example.com"],
+                vec![route("exact", cfg::RouteMatch::default())],
+            ),
+            (
+                "short",
+                vec!["*.example.com"],
+                vec![route("short", cfg::RouteMatch::default())],
+            ),
+            (
+                "long",
+                vec!["*.eu.example.com"],
+                vec![route("long", cfg::RouteMatch::default())],
+            ),
+            (
+                "pre",
+                vec!["internal.*"],
+                vec![route("pre", cfg::RouteMatch::default())],
+            ),
+            (
+                "any",
+                vec!["*"],
+                vec![route("any", cfg::RouteMatch::default())],
+            ),
         ]);
         assert_eq!(get(&t, "api.example.com", "/").as_deref(), Some("exact"));
-        assert_eq!(get(&t, "API.Example.COM:8080", "/").as_deref(), Some("exact"));
+        assert_eq!(
+            get(&t, "API.Example.COM:8080", "/").as_deref(),
+            Some("exact")
+        );
         assert_eq!(get(&t, "x.example.com", "/").as_deref(), Some("short"));
         assert_eq!(get(&t, "a.b.example.com", "/").as_deref(), Some("short"));
         assert_eq!(get(&t, "x.eu.example.com", "/").as_deref(), Some("long"));
@@ -643,7 +732,11 @@ mod tests {
         assert_eq!(get(&t, "", "/").as_deref(), Some("any"));
         assert_eq!(get(&t, "[::1]:80", "/").as_deref(), Some("any"));
 
-        let t = table(vec![("only", vec!["a.com"], vec![route("r", cfg::RouteMatch::default())])]);
+        let t = table(vec![(
+            "only",
+            vec!["a.com"],
+            vec![route("r", cfg::RouteMatch::default())],
+        )]);
         assert_eq!(get(&t, "b.com", "/"), None);
     }
 
@@ -688,7 +781,12 @@ mod tests {
             vec!["*"],
             vec![
                 route("exact", path(cfg::PathMatch::Exact("/a".into()))),
-                route("re", path(cfg::PathMatch::Regex(regex::Regex::new("/v[0-9]+/items").unwrap()))),
+                route(
+                    "re",
+                    path(cfg::PathMatch::Regex(
+                        regex::Regex::new("/v[0-9]+/items").unwrap(),
+                    )),
+                ),
             ],
         )]);
         assert_eq!(get(&t, "h", "/a").as_deref(), Some("exact"));
@@ -703,14 +801,23 @@ mod tests {
 
     #[test]
     fn method_header_query_matching() {
-        let m = |method: Option<&str>, headers: Vec<cfg::HeaderMatch>, query: Vec<cfg::QueryParamMatch>| cfg::RouteMatch {
+        let m = |method: Option<&str>,
+                 headers: Vec<cfg::HeaderMatch>,
+                 query: Vec<cfg::QueryParamMatch>| cfg::RouteMatch {
             path: cfg::PathMatch::Prefix("/".into()),
             headers,
             query_params: query,
             method: method.map(Into::into),
         };
-        let hm = |name: &str, value: cfg::StringMatch, invert: bool| cfg::HeaderMatch { name: name.into(), value, invert };
-        let qm = |name: &str, value: cfg::StringMatch| cfg::QueryParamMatch { name: name.into(), value };
+        let hm = |name: &str, value: cfg::StringMatch, invert: bool| cfg::HeaderMatch {
+            name: name.into(),
+            value,
+            invert,
+        };
+        let qm = |name: &str, value: cfg::StringMatch| cfg::QueryParamMatch {
+            name: name.into(),
+            value,
+        };
         let t = table(vec![(
             "v",
             vec!["*"],
@@ -722,17 +829,33 @@ mod tests {
                         None,
                         vec![
                             hm("x-env", cfg::StringMatch::Exact("canary".into()), false),
-                            hm("x-id", cfg::StringMatch::Regex(regex::Regex::new("[0-9]+").unwrap()), false),
+                            hm(
+                                "x-id",
+                                cfg::StringMatch::Regex(regex::Regex::new("[0-9]+").unwrap()),
+                                false,
+                            ),
                         ],
                         vec![],
                     ),
                 ),
-                route("inverted", m(None, vec![hm("x-block", cfg::StringMatch::Present, true)], vec![
-                    qm("mode", cfg::StringMatch::Prefix("fa".into())),
-                ])),
+                route(
+                    "inverted",
+                    m(
+                        None,
+                        vec![hm("x-block", cfg::StringMatch::Present, true)],
+                        vec![qm("mode", cfg::StringMatch::Prefix("fa".into()))],
+                    ),
+                ),
                 route(
                     "query",
-                    m(None, vec![], vec![qm("a", cfg::StringMatch::Exact("1 2".into())), qm("b", cfg::StringMatch::Present)]),
+                    m(
+                        None,
+                        vec![],
+                        vec![
+                            qm("a", cfg::StringMatch::Exact("1 2".into())),
+                            qm("b", cfg::StringMatch::Present),
+                        ],
+                    ),
                 ),
                 route("fallback", m(None, vec![], vec![])),
             ],
@@ -741,21 +864,45 @@ mod tests {
         assert_eq!(find(&t, "h", &Method::POST, "/", &h), Some("post"));
         assert_eq!(find(&t, "h", &Method::GET, "/", &h), Some("fallback"));
         h.insert("x-env", HeaderValue::from_static("canary"));
-        assert_eq!(find(&t, "h", &Method::GET, "/", &h), Some("fallback"), "all headers must match");
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/", &h),
+            Some("fallback"),
+            "all headers must match"
+        );
         h.insert("x-id", HeaderValue::from_static("12a"));
-        assert_eq!(find(&t, "h", &Method::GET, "/", &h), Some("fallback"), "regex is a full match");
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/", &h),
+            Some("fallback"),
+            "regex is a full match"
+        );
         h.insert("x-id", HeaderValue::from_static("12"));
         assert_eq!(find(&t, "h", &Method::GET, "/", &h), Some("headers"));
         let h = HeaderMap::new();
-        assert_eq!(find(&t, "h", &Method::GET, "/?mode=fast", &h), Some("inverted"));
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/?mode=fast", &h),
+            Some("inverted")
+        );
         let mut hb = HeaderMap::new();
         hb.insert("x-block", HeaderValue::from_static("1"));
-        assert_eq!(find(&t, "h", &Method::GET, "/?mode=fast", &hb), Some("fallback"));
-        assert_eq!(find(&t, "h", &Method::GET, "/?a=1%202&b", &h), Some("query"));
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/?mode=fast", &hb),
+            Some("fallback")
+        );
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/?a=1%202&b", &h),
+            Some("query")
+        );
         assert_eq!(find(&t, "h", &Method::GET, "/?b=&a=1+2", &h), Some("query"));
-        assert_eq!(find(&t, "h", &Method::GET, "/?a=1%202", &h), Some("fallback"), "all params must match");
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/?a=1%202", &h),
+            Some("fallback"),
+            "all params must match"
+        );
         // First occurrence of a repeated name counts.
-        assert_eq!(find(&t, "h", &Method::GET, "/?a=x&a=1%202&b", &h), Some("fallback"));
+        assert_eq!(
+            find(&t, "h", &Method::GET, "/?a=x&a=1%202&b", &h),
+            Some("fallback")
+        );
     }
 
     #[test]
@@ -770,9 +917,21 @@ mod tests {
     fn weighted_targets() {
         let f = Forward {
             targets: vec![
-                Target { name: "a".into(), weight: 1, cluster: None },
-                Target { name: "zero".into(), weight: 0, cluster: None },
-                Target { name: "b".into(), weight: 3, cluster: None },
+                Target {
+                    name: "a".into(),
+                    weight: 1,
+                    cluster: None,
+                },
+                Target {
+                    name: "zero".into(),
+                    weight: 0,
+                    cluster: None,
+                },
+                Target {
+                    name: "b".into(),
+                    weight: 3,
+                    cluster: None,
+                },
             ],
             total_weight: 4,
             path_rewrite: None,

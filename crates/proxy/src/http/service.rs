@@ -20,15 +20,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{Finish, RequestBody, ResponseBody};
-use super::conn::ConnCtx;
+use super::conn::{ConnCtx, InFlight};
 use super::error::HttpError;
 use super::filters::{is_upgrade_request, replace_prefix, set_forwarded, strip_hop_by_hop};
 use super::guard::Verdict;
 use super::log::LogEntry;
-use super::router::{Action, Forward, HashPolicy, Redirect, RedirectPath, RequestView, Route, RouteTable};
+use super::router::{
+    Action, Forward, HashPolicy, Redirect, RedirectPath, RequestView, Route, RouteTable,
+};
+use super::upstream::SendError;
 use crate::Snapshot;
-use crate::lb::hash64;
 use crate::lb::LoadGuard;
+use crate::lb::hash64;
 
 /// What the pipeline learnt about a request, for metrics and the access log.
 #[derive(Default)]
@@ -43,9 +46,12 @@ struct Outcome<'s> {
 }
 
 /// hyper service entry point.
-pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    ctx.activity.request_started();
+    let in_flight = InFlight::start(ctx.clone());
     let is_h1 = req.version() != Version::HTTP_2;
     let mut log = ctx.shared.options.access_log.then(|| {
         Box::new(LogEntry {
@@ -99,7 +105,11 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         log.error = error;
         log.bytes_received = out.received.take();
     }
-    res.body_mut().set_finish(Finish { conn: ctx, log, load: out.load.take() });
+    res.body_mut().set_finish(Finish {
+        in_flight,
+        log,
+        load: out.load.take(),
+    });
     Ok(res)
 }
 
@@ -113,14 +123,20 @@ async fn pipeline<'s>(
     // Framing: verdicts of the HTTP/1 guard for this request, then the headers as hyper
     // passed them (covers HTTP/2 too).
     if is_h1 {
-        let seq = ctx.h1_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = ctx
+            .h1_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match ctx.guard.verdict(seq) {
             None => {}
             Some(Verdict::TooLarge) => return Err(HttpError::HeadersTooLarge),
             Some(Verdict::ClAndTe) => {
-                return Err(HttpError::BadRequest("both content-length and transfer-encoding"));
+                return Err(HttpError::BadRequest(
+                    "both content-length and transfer-encoding",
+                ));
             }
-            Some(Verdict::DuplicateCl) => return Err(HttpError::BadRequest("duplicate content-length")),
+            Some(Verdict::DuplicateCl) => {
+                return Err(HttpError::BadRequest("duplicate content-length"));
+            }
         }
     }
     check_framing(req.headers())?;
@@ -141,7 +157,10 @@ async fn pipeline<'s>(
     let route = table
         .find_vhost(host)
         .and_then(|vh| vh.find_route(&view))
-        .ok_or_else(|| HttpError::NoRoute { host: host.to_owned(), path: req.uri().path().to_owned() })?;
+        .ok_or_else(|| HttpError::NoRoute {
+            host: host.to_owned(),
+            path: req.uri().path().to_owned(),
+        })?;
     out.route = Some(route);
     match &route.action {
         Action::Direct { status, body } => Ok(direct(*status, body.clone())),
@@ -158,7 +177,9 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), HttpError> {
         return Err(HttpError::BadRequest("duplicate content-length"));
     }
     if has_cl && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err(HttpError::BadRequest("both content-length and transfer-encoding"));
+        return Err(HttpError::BadRequest(
+            "both content-length and transfer-encoding",
+        ));
     }
     Ok(())
 }
@@ -167,7 +188,11 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), HttpError> {
 fn request_host<B>(req: &Request<B>) -> &str {
     match req.uri().authority() {
         Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(""),
     }
 }
 
@@ -176,8 +201,10 @@ fn direct(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     let mut res = Response::new(ResponseBody::full(body));
     *res.status_mut() = status;
     if has_body {
-        res.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
     }
     res
 }
@@ -277,17 +304,26 @@ async fn forward<'s>(
     fwd: &'s Forward,
     out: &mut Outcome<'s>,
 ) -> Result<Response<ResponseBody>, HttpError> {
-    let ti = fwd.pick_target().ok_or_else(|| HttpError::NoHealthyEndpoint("(all weights are 0)".into()))?;
+    let ti = fwd
+        .pick_target()
+        .ok_or_else(|| HttpError::NoHealthyEndpoint("(all weights are 0)".into()))?;
     out.target = Some(ti);
-    let target = fwd.targets.get(ti).ok_or_else(|| HttpError::UnknownCluster(String::new()))?;
-    let cluster = target.cluster.as_ref().ok_or_else(|| HttpError::UnknownCluster(target.name.to_string()))?;
+    let target = fwd
+        .targets
+        .get(ti)
+        .ok_or_else(|| HttpError::UnknownCluster(String::new()))?;
+    let cluster = target
+        .cluster
+        .as_ref()
+        .ok_or_else(|| HttpError::UnknownCluster(target.name.to_string()))?;
     let hash = if fwd.hash_policy.is_empty() {
         None
     } else {
         hash_key(&fwd.hash_policy, req.headers(), ctx.info.peer.ip())
     };
-    let (ep, load) =
-        cluster.pick_endpoint(hash).ok_or_else(|| HttpError::NoHealthyEndpoint(cluster.name().to_owned()))?;
+    let (ep, load) = cluster
+        .pick_endpoint(hash)
+        .ok_or_else(|| HttpError::NoHealthyEndpoint(cluster.name().to_owned()))?;
     out.upstream = Some(ep.addr);
     out.load = Some(load);
 
@@ -306,7 +342,12 @@ async fn forward<'s>(
     strip_hop_by_hop(headers, upgrade, true);
     // 100-continue is answered by us (hyper, when the body is first read), not forwarded.
     headers.remove(header::EXPECT);
-    set_forwarded(headers, ctx.hcm.use_remote_address, &ctx.peer_ip, &ctx.proto);
+    set_forwarded(
+        headers,
+        ctx.hcm.use_remote_address,
+        &ctx.peer_ip,
+        &ctx.proto,
+    );
     if let Some(route) = out.route {
         route.request_headers.apply(headers);
     }
@@ -314,23 +355,42 @@ async fn forward<'s>(
         headers.insert(header::HOST, h.clone());
     }
 
-    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let pq = match &fwd.path_rewrite {
         Some(rw) => rw.apply(&pq).unwrap_or(pq),
         None => pq,
     };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(ep.authority.clone());
+    uri.authority = if h2_upstream {
+        // `:authority` carries the host; a Host header next to it would be redundant.
+        let host = headers_host(&mut parts.headers);
+        Some(host.unwrap_or_else(|| ep.authority.clone()))
+    } else {
+        Some(ep.authority.clone())
+    };
     uri.path_and_query = Some(pq);
-    parts.uri = Uri::from_parts(uri).map_err(|_| HttpError::BadRequest("unusable request target"))?;
-    parts.version = if h2_upstream { Version::HTTP_2 } else { Version::HTTP_11 };
+    parts.uri =
+        Uri::from_parts(uri).map_err(|_| HttpError::BadRequest("unusable request target"))?;
+    parts.version = if h2_upstream {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
 
-    let received = ctx.shared.options.access_log.then(|| Arc::new(AtomicU64::new(0)));
+    let received = ctx
+        .shared
+        .options
+        .access_log
+        .then(|| Arc::new(AtomicU64::new(0)));
     out.received = received.clone();
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
 
-    let fut = cluster.send(upstream_req);
+    let fut = cluster.send(ep, upstream_req);
     let res = match fwd.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
@@ -341,7 +401,10 @@ async fn forward<'s>(
         },
         None => fut.await,
     };
-    let mut res = res.map_err(classify)?;
+    let mut res = res.map_err(|e| match e {
+        SendError::Connect(m) => HttpError::ConnectFailure(m),
+        SendError::Protocol(m) => HttpError::UpstreamProtocol(m),
+    })?;
 
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(down) = on_upgrade {
@@ -369,22 +432,10 @@ async fn forward<'s>(
     Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody)))
 }
 
-/// Upstream client errors: connect failures are 503, everything else (reset, protocol
-/// violation, closed mid-response) is 502.
-fn classify(e: hyper_util::client::legacy::Error) -> HttpError {
-    let mut msg = String::new();
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(s) = src {
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    if msg.is_empty() {
-        msg = e.to_string();
-    }
-    if e.is_connect() { HttpError::ConnectFailure(msg) } else { HttpError::UpstreamProtocol(msg) }
+/// Take the `Host` header as a URI authority (for an HTTP/2 upstream's `:authority`).
+fn headers_host(headers: &mut HeaderMap) -> Option<http::uri::Authority> {
+    let v = headers.remove(header::HOST)?;
+    http::uri::Authority::try_from(v.as_bytes()).ok()
 }
 
 #[cfg(test)]
@@ -403,7 +454,10 @@ mod tests {
         assert!(matches!(check_framing(&h), Err(HttpError::BadRequest(_))));
         let mut h = HeaderMap::new();
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         let e = check_framing(&h).unwrap_err();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
@@ -411,7 +465,10 @@ mod tests {
     #[test]
     fn cookies() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; session=xyz;b=2"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; session=xyz;b=2"),
+        );
         assert_eq!(cookie_value(&h, "session"), Some(&b"xyz"[..]));
         assert_eq!(cookie_value(&h, "b"), Some(&b"2"[..]));
         assert_eq!(cookie_value(&h, "sess"), None);
@@ -422,7 +479,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_static("alice"));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let p = [HashPolicy::Cookie("nope".into()), HashPolicy::Header(header::HeaderName::from_static("x-user"))];
+        let p = [
+            HashPolicy::Cookie("nope".into()),
+            HashPolicy::Header(header::HeaderName::from_static("x-user")),
+        ];
         assert_eq!(hash_key(&p, &h, ip), Some(hash64(b"alice")));
         let p = [HashPolicy::Cookie("nope".into())];
         assert_eq!(hash_key(&p, &h, ip), None);

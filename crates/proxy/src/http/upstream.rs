@@ -1,11 +1,12 @@
 //! Upstream side: a compiled cluster ([`ClusterState`]: endpoints, balancer, connection
 //! pool) and the connector that dials the picked endpoint.
 //!
-//! One pooled `hyper_util` legacy client per cluster, HTTP/1.1 keep-alive or HTTP/2 (prior
-//! knowledge) per `Cluster.protocol`. The request URI's authority is the *endpoint address*
-//! (pre-built per endpoint), so the pool keys connections by endpoint and the connector
-//! dials exactly the endpoint the balancer picked. The downstream `Host` travels in the
-//! `Host` header (HTTP/1) — the client never invents one (`set_host(false)`).
+//! HTTP/1.1 clusters use one pooled `hyper_util` legacy client (keep-alive): the request
+//! URI's authority is the *endpoint address* (pre-built per endpoint), so the pool keys
+//! connections by endpoint and the connector dials exactly the endpoint the balancer picked;
+//! the downstream `Host` travels in the `Host` header (the client never invents one,
+//! `set_host(false)`). HTTP/2 clusters (prior knowledge, e.g. gRPC) keep one multiplexed
+//! connection per endpoint here, so `:authority` is the downstream authority.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::Authority;
+use hyper::client::conn::http2::SendRequest;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -55,9 +57,14 @@ pub struct ClusterStats {
 
 impl ClusterStats {
     fn new(metrics: &Metrics, name: &str) -> Self {
-        let l = ClusterLabels { cluster: name.to_owned() };
+        let l = ClusterLabels {
+            cluster: name.to_owned(),
+        };
         Self {
-            connections_active: metrics.upstream_connections_active.get_or_create(&l).clone(),
+            connections_active: metrics
+                .upstream_connections_active
+                .get_or_create(&l)
+                .clone(),
             connect_failures: metrics.upstream_connect_failures.get_or_create(&l).clone(),
             timeouts: metrics.upstream_requests_timeout.get_or_create(&l).clone(),
         }
@@ -66,6 +73,8 @@ impl ClusterStats {
 
 #[derive(Debug)]
 pub(crate) struct UpEndpoint {
+    /// Position in the cluster's endpoint list.
+    pub idx: usize,
     pub addr: SocketAddr,
     /// `addr` as a URI authority (pool key), built once.
     pub authority: Authority,
@@ -78,8 +87,68 @@ pub struct ClusterState {
     name: Arc<str>,
     pub(crate) endpoints: Box<[UpEndpoint]>,
     balancer: Balancer,
-    client: Client<Connector, RequestBody>,
+    pool: Pool,
     pub(crate) stats: ClusterStats,
+}
+
+/// Connection pools: hyper-util's keep-alive pool for HTTP/1.1; for HTTP/2 one multiplexed
+/// connection per endpoint, owned here so that the request URI can carry the downstream
+/// authority (`:authority`) rather than the endpoint address.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per cluster; boxing adds a pointer chase per request"
+)]
+enum Pool {
+    H1(Client<Connector, RequestBody>),
+    H2 {
+        slots: Box<[H2Slot]>,
+        connector: Arc<ConnectorInner>,
+    },
+}
+
+#[derive(Default)]
+struct H2Slot {
+    sender: std::sync::Mutex<Option<SendRequest<RequestBody>>>,
+    /// Serialises dialing so that a burst of requests opens one connection.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl H2Slot {
+    fn cached(&self) -> Option<SendRequest<RequestBody>> {
+        let g = match self.sender.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn store(&self, s: SendRequest<RequestBody>) {
+        let mut g = match self.sender.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = Some(s);
+    }
+}
+
+/// Why a request could not be exchanged with the upstream.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made (503).
+    Connect(String),
+    /// The connection failed during the exchange (502).
+    Protocol(String),
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 impl std::fmt::Debug for ClusterState {
@@ -95,34 +164,51 @@ impl std::fmt::Debug for ClusterState {
 impl ClusterState {
     pub fn new(c: &biplane_config::Cluster, metrics: &Metrics) -> Self {
         let stats = ClusterStats::new(metrics, &c.name);
-        let lb_eps: Vec<LbEndpoint> =
-            c.endpoints.iter().map(|e| LbEndpoint { address: e.address, weight: e.weight }).collect();
-        let endpoints = c
+        let lb_eps: Vec<LbEndpoint> = c
             .endpoints
             .iter()
-            .filter_map(|e| {
-                let authority = Authority::try_from(e.address.to_string()).ok()?;
-                Some(UpEndpoint { addr: e.address, authority })
+            .map(|e| LbEndpoint {
+                address: e.address,
+                weight: e.weight,
             })
             .collect();
-        let connector = Connector {
-            inner: Arc::new(ConnectorInner { connect_timeout: c.connect_timeout, stats: stats.clone() }),
+        let endpoints: Box<[UpEndpoint]> = c
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(idx, e)| {
+                let authority = Authority::try_from(e.address.to_string()).ok()?;
+                Some(UpEndpoint {
+                    idx,
+                    addr: e.address,
+                    authority,
+                })
+            })
+            .collect();
+        let inner = Arc::new(ConnectorInner {
+            connect_timeout: c.connect_timeout,
+            stats: stats.clone(),
+        });
+        let pool = match c.protocol {
+            biplane_config::UpstreamProtocol::Http1 => {
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(c.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE))
+                    .set_host(false);
+                Pool::H1(b.build(Connector { inner }))
+            }
+            biplane_config::UpstreamProtocol::Http2 => Pool::H2 {
+                slots: c.endpoints.iter().map(|_| H2Slot::default()).collect(),
+                connector: inner,
+            },
         };
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(c.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE))
-            .set_host(false);
-        if c.protocol == biplane_config::UpstreamProtocol::Http2 {
-            b.http2_only(true);
-        }
-        let client = b.build(connector);
         Self {
             config: c.clone(),
             name: c.name.as_str().into(),
             endpoints,
             balancer: Balancer::new(c.lb_policy, &lb_eps),
-            client,
+            pool,
             stats,
         }
     }
@@ -155,12 +241,64 @@ impl ClusterState {
         Some((self.endpoints.get(i)?, g))
     }
 
-    /// Send a request whose URI authority is a picked endpoint's.
-    pub(crate) fn send(
+    /// Send a request to endpoint `ep`. For HTTP/1.1 the URI authority must be the
+    /// endpoint's (the pool key); for HTTP/2 it is the `:authority` sent upstream.
+    pub(crate) async fn send(
         &self,
+        ep: &UpEndpoint,
         req: http::Request<RequestBody>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        self.client.request(req)
+    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+        match &self.pool {
+            Pool::H1(client) => client.request(req).await.map_err(|e| {
+                let msg = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
+                if e.is_connect() {
+                    SendError::Connect(msg)
+                } else {
+                    SendError::Protocol(msg)
+                }
+            }),
+            Pool::H2 { slots, connector } => {
+                let slot = slots
+                    .get(ep.idx)
+                    .ok_or_else(|| SendError::Connect("no such endpoint".into()))?;
+                let mut sender = match slot.cached() {
+                    Some(s) => s,
+                    None => {
+                        let _dialing = slot.dialing.lock().await;
+                        match slot.cached() {
+                            Some(s) => s,
+                            None => {
+                                let conn = connector
+                                    .connect(ep.addr)
+                                    .await
+                                    .map_err(|e| SendError::Connect(chain(&e)))?;
+                                let (sender, conn) =
+                                    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                                        .timer(TokioTimer::new())
+                                        .handshake(conn)
+                                        .await
+                                        .map_err(|e| SendError::Connect(chain(&e)))?;
+                                tokio::spawn(async move {
+                                    if let Err(e) = conn.await {
+                                        tracing::debug!(error = %e, "upstream h2 connection ended with error");
+                                    }
+                                });
+                                slot.store(sender.clone());
+                                sender
+                            }
+                        }
+                    }
+                };
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| SendError::Protocol(chain(&e)))?;
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Protocol(chain(&e)))
+            }
+        }
     }
 
     /// Same settings and endpoints: the state (pool, cursors, counters) can be reused.
@@ -172,7 +310,10 @@ impl ClusterState {
             && a.protocol == c.protocol
             && a.idle_timeout == c.idle_timeout
             && a.endpoints.len() == c.endpoints.len()
-            && a.endpoints.iter().zip(&c.endpoints).all(|(x, y)| x.address == y.address && x.weight == y.weight)
+            && a.endpoints
+                .iter()
+                .zip(&c.endpoints)
+                .all(|(x, y)| x.address == y.address && x.weight == y.weight)
     }
 }
 
@@ -192,6 +333,24 @@ struct ConnectorInner {
     stats: ClusterStats,
 }
 
+impl ConnectorInner {
+    async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+        match dial(addr, self.connect_timeout).await {
+            Ok(stream) => {
+                self.stats.connections_active.inc();
+                Ok(UpstreamConn {
+                    io: TokioIo::new(stream),
+                    active: self.stats.connections_active.clone(),
+                })
+            }
+            Err(e) => {
+                self.stats.connect_failures.inc();
+                Err(e)
+            }
+        }
+    }
+}
+
 impl tower::Service<http::Uri> for Connector {
     type Response = UpstreamConn;
     type Error = ConnectError;
@@ -205,24 +364,16 @@ impl tower::Service<http::Uri> for Connector {
     fn call(&mut self, dst: http::Uri) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let res = dial(&dst, inner.connect_timeout).await;
-            match res {
-                Ok(stream) => {
-                    inner.stats.connections_active.inc();
-                    Ok(UpstreamConn { io: TokioIo::new(stream), active: inner.stats.connections_active.clone() })
-                }
-                Err(e) => {
-                    inner.stats.connect_failures.inc();
-                    Err(e)
-                }
-            }
+            let auth = dst.authority().map(Authority::as_str).unwrap_or("");
+            let addr: SocketAddr = auth
+                .parse()
+                .map_err(|_| ConnectError::BadAddress(auth.to_owned()))?;
+            inner.connect(addr).await
         })
     }
 }
 
-async fn dial(dst: &http::Uri, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let auth = dst.authority().map(Authority::as_str).unwrap_or("");
-    let addr: SocketAddr = auth.parse().map_err(|_| ConnectError::BadAddress(auth.to_owned()))?;
+async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
@@ -261,7 +412,11 @@ impl Read for UpstreamConn {
 }
 
 impl Write for UpstreamConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 

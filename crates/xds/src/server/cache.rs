@@ -17,8 +17,8 @@ use crate::{ResourceKind, XdsResources};
 /// the packed `Any`, encoded once per change and shared by every stream.
 #[derive(Debug, PartialEq)]
 pub struct CachedResource {
-    name: String,
-    version: String,
+    name: Arc<str>,
+    version: Arc<str>,
     any: Any,
 }
 
@@ -27,8 +27,8 @@ impl CachedResource {
     pub fn new<M: Message + Name>(name: impl Into<String>, message: &M) -> Self {
         let any = crate::to_any(message);
         CachedResource {
-            name: name.into(),
-            version: content_version(&[&any.value]),
+            name: Arc::from(name.into()),
+            version: Arc::from(content_version(&[&any.value])),
             any,
         }
     }
@@ -40,6 +40,15 @@ impl CachedResource {
     /// The per-resource version (Delta `Resource.version`): 16 hex digits of the SHA-256
     /// of the encoded message.
     pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The name, shared (streams key their per-resource state with it).
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub(crate) fn version_arc(&self) -> &Arc<str> {
         &self.version
     }
 
@@ -125,10 +134,13 @@ impl Snapshot {
             if r.name.is_empty() {
                 return Err(CacheError::EmptyName { kind });
             }
-            if maps[i].contains_key(&r.name) {
-                return Err(CacheError::DuplicateName { kind, name: r.name });
+            if maps[i].contains_key(&*r.name) {
+                return Err(CacheError::DuplicateName {
+                    kind,
+                    name: r.name.to_string(),
+                });
             }
-            maps[i].insert(r.name.clone(), Arc::new(r));
+            maps[i].insert(r.name.to_string(), Arc::new(r));
             Ok(())
         };
         for c in clusters {
@@ -147,7 +159,10 @@ impl Snapshot {
             add(ResourceKind::Listener, CachedResource::new(&l.name, l))?;
         }
         for r in route_configs {
-            add(ResourceKind::RouteConfiguration, CachedResource::new(&r.name, r))?;
+            add(
+                ResourceKind::RouteConfiguration,
+                CachedResource::new(&r.name, r),
+            )?;
         }
         Ok(Snapshot {
             types: maps.map(|m| Arc::new(TypeSnapshot::new(m))),
