@@ -17,88 +17,23 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::cache::content_version;
+use super::stream::ProtocolState;
 use super::{
-    CachedResource, NonceKind, Protocol, Shared, Snapshot, StreamCounter, StreamCtx, TYPES,
-    nack_message, type_index, unknown_type,
+    CachedResource, NonceKind, Protocol, Shared, Snapshot, StreamCtx, TYPES, nack_message,
+    type_index, unknown_type,
 };
-
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
-
-const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Responses per type whose ACK is still awaited that are remembered; older ones can no
 /// longer be matched (bounds memory for a client that never ACKs).
 const MAX_OUTSTANDING: usize = 8;
-
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: Tx,
-) {
-    let _count = StreamCounter::new(&shared.fleet);
-    if let Err(status) = serve(&shared, &mut inbound, &tx).await {
-        tracing::warn!(code = ?status.code(), message = status.message(), "Delta stream rejected");
-        shared
-            .fleet
-            .metrics()
-            .streams_rejected
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = tokio::time::timeout(ERROR_SEND_TIMEOUT, tx.send(Err(status))).await;
-    }
-}
-
-async fn serve(
-    shared: &Shared,
-    inbound: &mut Streaming<DeltaDiscoveryRequest>,
-    tx: &Tx,
-) -> Result<(), Status> {
-    let first = match inbound.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) | Err(_) => return Ok(()),
-    };
-    let mut ctx = StreamCtx::start(shared, first.node.as_ref(), Protocol::Delta)?;
-    let mut st = DeltaState::default();
-    st.on_request(&mut ctx, first)?;
-    loop {
-        let snapshot = ctx.snapshot();
-        let work = snapshot.as_ref().is_some_and(|s| st.has_work(s));
-        tokio::select! {
-            biased;
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => st.on_request(&mut ctx, req)?,
-                Ok(None) => return Ok(()),
-                Err(status) => {
-                    tracing::debug!(node = %ctx.node_id, %status, "Delta stream closed by transport");
-                    return Ok(());
-                }
-            },
-            changed = ctx.watch.rx.changed() => {
-                if changed.is_err() {
-                    return Err(Status::unavailable("the control plane is shutting down"));
-                }
-                ctx.watch.rx.borrow_and_update();
-            },
-            permit = tx.reserve(), if work => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(s) = &snapshot
-                    && let Some(resp) = st.next_response(&mut ctx, shared, s)
-                {
-                    permit.send(Ok(resp));
-                }
-            },
-            () = tx.closed() => return Ok(()),
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -135,13 +70,33 @@ impl TypeState {
 const CDS: usize = 0;
 
 #[derive(Debug, Default)]
-struct DeltaState {
+pub(crate) struct DeltaState {
     types: [TypeState; 5],
     /// Cluster removals are held back until the other types are settled.
     cds_deferred: bool,
 }
 
 impl DeltaState {
+    /// A type after CDS has something to send, or a response not yet ACKed/NACKed:
+    /// removed clusters stay until listeners and routes stopped using them.
+    fn others_unsettled(&self, snapshot: &Snapshot) -> bool {
+        self.types
+            .iter()
+            .enumerate()
+            .skip(1)
+            .any(|(i, t)| t.needs(snapshot.by_index(i).version()) || !t.outstanding.is_empty())
+    }
+}
+
+impl ProtocolState for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::Delta;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
     fn on_request(
         &mut self,
         ctx: &mut StreamCtx,
@@ -243,16 +198,6 @@ impl DeltaState {
             .enumerate()
             .any(|(i, t)| t.needs(snapshot.by_index(i).version()))
             || (self.cds_deferred && !self.others_unsettled(snapshot))
-    }
-
-    /// A type after CDS has something to send, or a response not yet ACKed/NACKed:
-    /// removed clusters stay until listeners and routes stopped using them.
-    fn others_unsettled(&self, snapshot: &Snapshot) -> bool {
-        self.types
-            .iter()
-            .enumerate()
-            .skip(1)
-            .any(|(i, t)| t.needs(snapshot.by_index(i).version()) || !t.outstanding.is_empty())
     }
 
     fn next_response(

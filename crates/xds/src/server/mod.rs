@@ -38,6 +38,7 @@ pub mod cache;
 pub mod delta;
 pub mod sotw;
 pub mod status;
+mod stream;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,7 +229,11 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let shared = self.inner.clone();
-        tokio::spawn(sotw::run(shared, request.into_inner(), tx));
+        tokio::spawn(stream::run::<sotw::SotwState>(
+            shared,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -238,7 +243,11 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let shared = self.inner.clone();
-        tokio::spawn(delta::run(shared, request.into_inner(), tx));
+        tokio::spawn(stream::run::<delta::DeltaState>(
+            shared,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

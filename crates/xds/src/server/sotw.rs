@@ -15,79 +15,17 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::cache::content_version;
+use super::stream::ProtocolState;
 use super::{
-    CachedResource, NonceKind, Protocol, Shared, Snapshot, StreamCounter, StreamCtx, TYPES,
-    nack_message, type_index, unknown_type,
+    CachedResource, NonceKind, Protocol, Shared, Snapshot, StreamCtx, TYPES, nack_message,
+    type_index, unknown_type,
 };
-
-type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
-
-/// How long a final error status may wait for room in the outbound queue.
-const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub(crate) async fn run(shared: Arc<Shared>, mut inbound: Streaming<DiscoveryRequest>, tx: Tx) {
-    let _count = StreamCounter::new(&shared.fleet);
-    if let Err(status) = serve(&shared, &mut inbound, &tx).await {
-        tracing::warn!(code = ?status.code(), message = status.message(), "SotW stream rejected");
-        shared
-            .fleet
-            .metrics()
-            .streams_rejected
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = tokio::time::timeout(ERROR_SEND_TIMEOUT, tx.send(Err(status))).await;
-    }
-}
-
-async fn serve(
-    shared: &Shared,
-    inbound: &mut Streaming<DiscoveryRequest>,
-    tx: &Tx,
-) -> Result<(), Status> {
-    let first = match inbound.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) | Err(_) => return Ok(()),
-    };
-    let mut ctx = StreamCtx::start(shared, first.node.as_ref(), Protocol::Sotw)?;
-    let mut st = SotwState::default();
-    st.on_request(&mut ctx, first)?;
-    loop {
-        let snapshot = ctx.snapshot();
-        let work = snapshot.as_ref().is_some_and(|s| st.has_work(s));
-        tokio::select! {
-            biased;
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => st.on_request(&mut ctx, req)?,
-                Ok(None) => return Ok(()),
-                Err(status) => {
-                    tracing::debug!(node = %ctx.node_id, %status, "SotW stream closed by transport");
-                    return Ok(());
-                }
-            },
-            changed = ctx.watch.rx.changed() => {
-                if changed.is_err() {
-                    return Err(Status::unavailable("the control plane is shutting down"));
-                }
-                ctx.watch.rx.borrow_and_update();
-            },
-            permit = tx.reserve(), if work => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(s) = &snapshot
-                    && let Some(resp) = st.next_response(&mut ctx, shared, s)
-                {
-                    permit.send(Ok(resp));
-                }
-            },
-            () = tx.closed() => return Ok(()),
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -149,7 +87,7 @@ impl TypeState {
 const CDS: usize = 0;
 
 #[derive(Debug, Default)]
-struct SotwState {
+pub(crate) struct SotwState {
     types: [TypeState; 5],
     /// The clusters the client holds from our last CDS response.
     cds_sent: Vec<Arc<CachedResource>>,
@@ -159,6 +97,25 @@ struct SotwState {
 }
 
 impl SotwState {
+    /// A type after CDS has something to send, or a response not yet ACKed/NACKed:
+    /// stale clusters must stay until listeners and routes stopped using them.
+    fn others_unsettled(&self, snapshot: &Snapshot) -> bool {
+        self.types.iter().enumerate().skip(1).any(|(i, t)| {
+            t.needs(snapshot.by_index(i).version())
+                || (t.latest.is_some() && t.answered != t.latest)
+        })
+    }
+}
+
+impl ProtocolState for SotwState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::Sotw;
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
     fn on_request(&mut self, ctx: &mut StreamCtx, req: DiscoveryRequest) -> Result<(), Status> {
         let DiscoveryRequest {
             version_info: _,
@@ -221,15 +178,6 @@ impl SotwState {
             .enumerate()
             .any(|(i, t)| t.needs(snapshot.by_index(i).version()))
             || (self.cds_deferred && !self.others_unsettled(snapshot))
-    }
-
-    /// A type after CDS has something to send, or a response not yet ACKed/NACKed:
-    /// stale clusters must stay until listeners and routes stopped using them.
-    fn others_unsettled(&self, snapshot: &Snapshot) -> bool {
-        self.types.iter().enumerate().skip(1).any(|(i, t)| {
-            t.needs(snapshot.by_index(i).version())
-                || (t.latest.is_some() && t.answered != t.latest)
-        })
     }
 
     /// The next response in push order, or `None` when nothing needs sending.
