@@ -85,7 +85,10 @@ impl std::fmt::Debug for Certificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Certificate")
             .field("name", &self.name)
-            .field("cert_chain_pem", &format_args!("<{} bytes>", self.cert_chain_pem.len()))
+            .field(
+                "cert_chain_pem",
+                &format_args!("<{} bytes>", self.cert_chain_pem.len()),
+            )
             .field("private_key_pem", &"<redacted>")
             .finish()
     }
@@ -236,7 +239,10 @@ pub enum RouteAction {
     Forward(Forward),
     Redirect(Redirect),
     /// Answer locally (e.g. 500 for a route whose backends did not resolve).
-    DirectResponse { status: u16, body: String },
+    DirectResponse {
+        status: u16,
+        body: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -335,6 +341,11 @@ pub enum LbPolicy {
     RoundRobin,
     LeastRequest,
     Random,
-    RingHash { minimum_ring_size: u64, maximum_ring_size: u64 },
-    Maglev { table_size: u64 },
+    RingHash {
+        minimum_ring_size: u64,
+        maximum_ring_size: u64,
+    },
+    Maglev {
+        table_size: u64,
+    },
 }

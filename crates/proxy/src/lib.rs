@@ -75,6 +75,10 @@ pub struct ProxyOptions {
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { admin_addr: None, drain_timeout: Duration::from_secs(10), access_log: true }
+        Self {
+            admin_addr: None,
+            drain_timeout: Duration::from_secs(10),
+            access_log: true,
+        }
     }
 }

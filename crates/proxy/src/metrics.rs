@@ -45,7 +45,9 @@ pub struct TcpBytesLabels {
 
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s, doubling.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
 }
 
 /// All data-plane metrics, shared by every snapshot (counters survive config swaps).
@@ -133,7 +135,11 @@ impl Metrics {
             "Bytes relayed by TCP (L4) proxying, by cluster and direction",
             tcp_bytes.clone(),
         );
-        registry.register("config_swaps", "Config snapshots swapped in", config_swaps.clone());
+        registry.register(
+            "config_swaps",
+            "Config snapshots swapped in",
+            config_swaps.clone(),
+        );
         Self {
             registry,
             http_requests,
