@@ -1,6 +1,8 @@
 //! The `biplane` binary: parses the command line, sets up logging and the runtime, and
 //! hands over to one subcommand module. Subcommand bodies live in their own modules.
 
+mod client;
+mod control_cmd;
 mod echo;
 mod proxy_cmd;
 
@@ -26,6 +28,18 @@ enum Command {
     Proxy(proxy_cmd::ProxyArgs),
     /// A small upstream for tests, demos and benchmarks (HTTP/1.1, h2c, WebSocket, gRPC).
     Echo(echo::EchoArgs),
+    /// Create or update resources from files, a directory or stdin (all or nothing).
+    Apply(client::apply::ApplyArgs),
+    /// Show resources and their status from the control plane.
+    Get(client::get::GetArgs),
+    /// Delete resources by kind and name, or those named in files.
+    Delete(client::delete::DeleteArgs),
+    /// Show what applying files would change (exit 1 when something would).
+    Diff(client::diff::DiffArgs),
+    /// Show the data-plane nodes connected to the control plane and their ACK/NACK state.
+    Status(client::status::StatusArgs),
+    /// Run the control plane: embedded store, admin API and xDS (ADS) server.
+    Control(control_cmd::ControlArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,7 +58,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Proxy(args) => proxy_cmd::run(args).await,
+            Command::Control(args) => control_cmd::run(args).await,
             Command::Echo(args) => echo::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Apply(args) => Ok(client::apply::run(args).await),
+            Command::Get(args) => Ok(client::get::run(args).await),
+            Command::Delete(args) => Ok(client::delete::run(args).await),
+            Command::Diff(args) => Ok(client::diff::run(args).await),
+            Command::Status(args) => Ok(client::status::run(args).await),
         }
     });
     match result {

@@ -1,13 +1,23 @@
-//! `biplane proxy`: run the data plane from a static resource file.
+//! `biplane proxy`: run the data plane from a static resource file (`--config`) or from
+//! control planes over xDS (`--control-plane`).
 //!
-//! The file goes through the same pipeline a control plane feeds: resources → xDS v3 →
-//! `biplane_config::Config` (`biplane_xds::compile_static`). Every config error is printed
-//! with its document and field path, and the process exits 1 before binding anything.
+//! Static: the file goes through the same pipeline a control plane feeds: resources → xDS
+//! v3 → `biplane_config::Config` (`biplane_xds::compile_static`). Every config error is
+//! printed with its document and field path, and the process exits 1 before binding
+//! anything.
+//!
+//! xDS: the proxy starts with no listeners and `/ready` answering 503; the xDS client
+//! (`biplane_xds::client`) applies every complete config it receives and saves it as the
+//! last-known-good config in `--state-dir`. If no config arrives within
+//! `--initial-fetch-timeout`, the last-known-good config is loaded (when intact) and
+//! served while the client keeps trying. `/ready` turns 200 with the first applied
+//! config, never before.
 
 use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,16 +27,46 @@ use biplane_xds::TranslateOptions;
 /// Arguments of `biplane proxy`.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// Resource file (multi-document YAML or JSON); `-` reads standard input.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
-    /// The Gateway this node serves (needed when the file has several).
+    /// Static mode: resource file (multi-document YAML or JSON); `-` reads standard input.
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    pub config: Option<PathBuf>,
+    /// xDS mode: control-plane xDS addresses (`host:port`), tried in turn.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        requires = "gateway"
+    )]
+    pub control_plane: Vec<String>,
+    /// The Gateway this node serves (`name` or `namespace/name`): required with
+    /// `--control-plane` (it is the xDS `node.cluster`); with `--config`, needed when the
+    /// file has several.
     #[arg(long, value_name = "NAME")]
     pub gateway: Option<String>,
+    /// xDS node id (default: `<hostname>-<pid>`).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Where the last-known-good config is kept (xDS mode).
+    #[arg(long, value_name = "DIR", default_value = "./biplane-proxy-state")]
+    pub state_dir: PathBuf,
+    /// xDS protocol variant; `delta` falls back to `sotw` when the server lacks Delta.
+    #[arg(long, value_enum, default_value_t = XdsProtocol::Delta)]
+    pub xds_protocol: XdsProtocol,
+    /// How long to wait for a first config from the control plane before serving the
+    /// last-known-good config (e.g. `5s`, `500ms`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub initial_fetch_timeout: Duration,
     /// Admin listener (`/ready`, `/stats/prometheus`, `/config_dump`, `/listeners`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
     pub admin_addr: SocketAddr,
-    /// IP address the Gateway listeners bind (their ports come from the config).
+    /// Static mode: IP address the Gateway listeners bind (their ports come from the
+    /// config). In xDS mode the control plane's listeners carry their addresses.
     #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     pub bind_ip: IpAddr,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish (e.g. `10s`, `500ms`).
@@ -41,8 +81,92 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     biplane_api::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// `--xds-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsProtocol {
+    Delta,
+    Sotw,
+}
+
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let text = read_config(&args.config)?;
+    match args.config.clone() {
+        Some(path) => run_static(args, path).await,
+        None => run_xds(args).await,
+    }
+}
+
+async fn run_xds(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    use biplane_xds::client::{self, ClientOptions, Protocol};
+    let Some(gateway) = args.gateway.clone() else {
+        anyhow::bail!("--gateway is required with --control-plane");
+    };
+    let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
+    let options = ProxyOptions {
+        admin_addr: Some(args.admin_addr),
+        drain_timeout: args.drain_timeout,
+        access_log: !args.no_access_log,
+    };
+    let proxy = Arc::new(
+        Proxy::start_pending(options)
+            .await
+            .context("starting the proxy")?,
+    );
+    if let Some(addr) = proxy.admin_addr() {
+        tracing::info!("admin listening on {addr}");
+    }
+    let mut opts = ClientOptions::new(args.control_plane.clone(), node_id.clone(), gateway.clone());
+    opts.protocol = match args.xds_protocol {
+        XdsProtocol::Delta => Protocol::Delta,
+        XdsProtocol::Sotw => Protocol::Sotw,
+    };
+    opts.state_dir = Some(args.state_dir.clone());
+    opts.initial_fetch_timeout = Some(args.initial_fetch_timeout);
+    tracing::info!(node = %node_id, %gateway, control_plane = ?args.control_plane,
+        state_dir = %args.state_dir.display(), "starting in xDS mode (not ready until a config is applied)");
+    let target = proxy.clone();
+    let handle = client::spawn(opts, move |config| {
+        let proxy = target.clone();
+        async move {
+            proxy.apply(config).await.map_err(|e| e.to_string())?;
+            proxy.set_ready(true);
+            Ok(())
+        }
+    })
+    .context("starting the xDS client")?;
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(
+        "received {signal}: draining for up to {:?}",
+        args.drain_timeout
+    );
+    handle.shutdown().await;
+    match Arc::try_unwrap(proxy) {
+        Ok(proxy) => {
+            let report = proxy.shutdown().await;
+            tracing::info!(?report, "drained");
+        }
+        Err(proxy) => {
+            // Not expected: the client task (the only other owner) has ended.
+            proxy.set_ready(false);
+            tracing::warn!("the proxy is still shared; exiting without a drain");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `<hostname>-<pid>`.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "biplane".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn run_static(args: ProxyArgs, path: PathBuf) -> anyhow::Result<ExitCode> {
+    let text = read_config(&path)?;
     let opts = TranslateOptions {
         bind_ip: args.bind_ip,
     };
@@ -50,7 +174,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(err) => {
             // Nothing is bound yet: report every problem and stop.
-            let source = args.config.display();
+            let source = path.display();
             for line in err.to_string().lines() {
                 eprintln!("{source}: {line}");
             }

@@ -86,6 +86,7 @@
 //! - Retries are not implemented: a retry policy must not retry (empty `retry_on` or
 //!   `num_retries: 0`); its `per_try_timeout` is honoured.
 
+pub mod client;
 pub mod from_xds;
 pub mod server;
 #[path = "static.rs"]

@@ -1,0 +1,616 @@
+//! The controller: follows the store (`/registry/`), keeps the current resources in memory
+//! ([`World`]), and after each debounced burst of changes recompiles every Gateway into
+//! the [`SnapshotCache`] (whose no-op detection keeps unchanged Gateways from pushing). It
+//! records, per Gateway, which store revision produced which xDS versions, so that fleet
+//! ACKs turn into convergence times (store commit → last node ACK), per-node lag and the
+//! `Programmed` condition.
+//!
+//! # Flow
+//! 1. `range("/registry/")` at revision `R`, compile every Gateway, then
+//!    `watch("/registry/", R + 1)`.
+//! 2. Each watch batch updates the [`World`] at once (status reads see it); compilation
+//!    waits until no batch arrived for `debounce`, at most `max_debounce` after the first.
+//! 3. A Gateway whose translation fails keeps serving its previous snapshot; the error is
+//!    kept for its status (`Programmed=False`, reason `Invalid`). A deleted Gateway gets an
+//!    empty snapshot, so its nodes drop their configuration.
+//! 4. A watch that ends with a retryable error (compaction, lag) re-lists from step 1.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use biplane_api::{Resource, ResourceKey, ResourceSet};
+use biplane_xds::server::{
+    FleetEvent, FleetStatus, GatewayKey, NodeStatus, PUSH_ORDER, SetOutcome, SnapshotCache,
+};
+use biplane_xds::{ResourceKind as XdsKind, TranslateOptions, XdsResources, to_xds};
+use tokio::sync::{broadcast, watch};
+
+use crate::docs::{REGISTRY_PREFIX, parse_store_key};
+use crate::metrics::Metrics;
+use crate::store::{Event, KeyValue, Store, StoreError, WatchBatch};
+
+/// How many compile records are kept per Gateway (for `Programmed` and lag lookups).
+const MAX_RECORDS: usize = 64;
+/// How many unconverged changes are tracked per Gateway.
+const MAX_PENDING: usize = 256;
+
+/// Controller tuning.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Quiet time after the last change of a burst before compiling.
+    pub debounce: Duration,
+    /// Upper bound of the wait after the first change of a burst.
+    pub max_debounce: Duration,
+    /// Passed to `to_xds`.
+    pub translate: TranslateOptions,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            debounce: Duration::from_millis(100),
+            max_debounce: Duration::from_secs(1),
+            translate: TranslateOptions::default(),
+        }
+    }
+}
+
+/// One stored resource as the controller holds it.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The parsed resource.
+    pub resource: Resource,
+    /// The store revision that created the key.
+    pub create_revision: u64,
+    /// The store revision of its last change.
+    pub mod_revision: u64,
+}
+
+/// Every resource at one store revision.
+#[derive(Debug, Default)]
+pub struct World {
+    /// The store revision this view is at.
+    pub revision: u64,
+    /// Resources by key.
+    pub items: BTreeMap<ResourceKey, Arc<Item>>,
+    /// The same resources, oldest first (create revision, then key): Gateway API's
+    /// "oldest route wins" tie-break.
+    pub set: ResourceSet,
+}
+
+impl World {
+    fn build(revision: u64, items: &BTreeMap<ResourceKey, Arc<Item>>) -> Self {
+        let mut ordered: Vec<&Arc<Item>> = items.values().collect();
+        ordered.sort_by(|a, b| {
+            (a.create_revision, a.resource.key()).cmp(&(b.create_revision, b.resource.key()))
+        });
+        World {
+            revision,
+            items: items.clone(),
+            set: ResourceSet::new(ordered.into_iter().map(|i| i.resource.clone()).collect()),
+        }
+    }
+}
+
+/// One compilation result of a Gateway that changed nothing since the previous record is
+/// folded into it (`last_revision` moves on).
+#[derive(Debug, Clone)]
+pub struct CompileRecord {
+    /// The first store revision compiled into these versions.
+    pub first_revision: u64,
+    /// The latest store revision compiled into these versions.
+    pub last_revision: u64,
+    /// The snapshot's version per type, indexed like [`PUSH_ORDER`].
+    pub versions: [String; 5],
+    /// When each type's version was first produced (the commit that changed it).
+    produced_at: [Instant; 5],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingChange {
+    revision: u64,
+    commit_at: Instant,
+}
+
+/// What the controller knows about one Gateway.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayState {
+    /// Compile records, oldest first.
+    pub records: VecDeque<CompileRecord>,
+    /// The translation error of the latest compilation, if it failed.
+    pub error: Option<String>,
+    pending: VecDeque<PendingChange>,
+}
+
+#[derive(Debug, Clone)]
+struct NodeLag {
+    connected_at: Option<Instant>,
+    lag_ms: [Option<u64>; 5],
+}
+
+/// State shared by the controller task, the fleet tracker and the admin API.
+#[derive(Debug)]
+pub struct ControllerShared {
+    world: watch::Sender<Arc<World>>,
+    gateways: Mutex<BTreeMap<GatewayKey, GatewayState>>,
+    lags: Mutex<HashMap<u64, NodeLag>>,
+    fleet: FleetStatus,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn type_index(kind: XdsKind) -> Option<usize> {
+    PUSH_ORDER.iter().position(|k| *k == kind)
+}
+
+impl ControllerShared {
+    /// Empty state (revision 0, no Gateway).
+    pub fn new(fleet: FleetStatus, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(ControllerShared {
+            world: watch::channel(Arc::new(World::default())).0,
+            gateways: Mutex::new(BTreeMap::new()),
+            lags: Mutex::new(HashMap::new()),
+            fleet,
+            metrics,
+        })
+    }
+
+    /// The latest view of the resources.
+    pub fn world(&self) -> Arc<World> {
+        self.world.borrow().clone()
+    }
+
+    /// The view at `revision` or later, waiting up to `timeout` for the controller to catch
+    /// up (the latest view after that).
+    pub async fn world_at(&self, revision: u64, timeout: Duration) -> Arc<World> {
+        let mut rx = self.world.subscribe();
+        let wait = rx.wait_for(|w| w.revision >= revision);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(w)) => w.clone(),
+            _ => self.world(),
+        }
+    }
+
+    /// A copy of one Gateway's state.
+    pub fn gateway(&self, key: &GatewayKey) -> Option<GatewayState> {
+        lock(&self.gateways).get(key).cloned()
+    }
+
+    /// Lag (commit → ACK, ms) per type of one stream, indexed like [`PUSH_ORDER`].
+    pub fn node_lag(&self, stream_id: u64) -> [Option<u64>; 5] {
+        lock(&self.lags)
+            .get(&stream_id)
+            .map(|l| l.lag_ms)
+            .unwrap_or_default()
+    }
+
+    /// Whether `node` has ACKed, for every type it subscribes to, the versions of a
+    /// compilation of a store revision `>= revision`.
+    pub fn node_has_revision(&self, node: &NodeStatus, revision: u64) -> bool {
+        let mut acked: Vec<(usize, &str)> = Vec::new();
+        for t in node.types.iter().filter(|t| t.subscribed) {
+            let (Some(i), Some(v)) = (type_index(t.kind), t.acked_version.as_deref()) else {
+                return false;
+            };
+            acked.push((i, v));
+        }
+        if acked.is_empty() {
+            return false;
+        }
+        let gateways = lock(&self.gateways);
+        let Some(state) = gateways.get(&node.gateway) else {
+            return false;
+        };
+        state
+            .records
+            .iter()
+            .any(|r| r.last_revision >= revision && acked.iter().all(|(i, v)| r.versions[*i] == *v))
+    }
+
+    fn publish(&self, world: World) {
+        self.metrics
+            .store_revision
+            .set(i64::try_from(world.revision).unwrap_or(i64::MAX));
+        self.world.send_replace(Arc::new(world));
+    }
+
+    /// Records one Gateway's compilation.
+    fn record(&self, key: &GatewayKey, revision: u64, commit_at: Instant, outcome: &SetOutcome) {
+        let versions: [String; 5] = PUSH_ORDER.map(|k| {
+            outcome
+                .snapshot
+                .version(k)
+                .map(str::to_owned)
+                .unwrap_or_default()
+        });
+        let has_nodes = !self.fleet.nodes_of(key).is_empty();
+        let mut gateways = lock(&self.gateways);
+        let state = gateways.entry(key.clone()).or_default();
+        state.error = None;
+        match state.records.back_mut() {
+            Some(last) if last.versions == versions => last.last_revision = revision,
+            prev => {
+                let prev = prev.map(|p| (*p).clone());
+                let produced_at = std::array::from_fn(|i| match &prev {
+                    Some(p) if p.versions[i] == versions[i] => p.produced_at[i],
+                    _ => commit_at,
+                });
+                state.records.push_back(CompileRecord {
+                    first_revision: revision,
+                    last_revision: revision,
+                    versions,
+                    produced_at,
+                });
+                if state.records.len() > MAX_RECORDS {
+                    state.records.pop_front();
+                }
+            }
+        }
+        if !outcome.is_noop() && has_nodes {
+            state.pending.push_back(PendingChange {
+                revision,
+                commit_at,
+            });
+            if state.pending.len() > MAX_PENDING {
+                state.pending.pop_front();
+            }
+        }
+    }
+
+    fn record_error(&self, key: &GatewayKey, message: String) {
+        lock(&self.gateways).entry(key.clone()).or_default().error = Some(message);
+    }
+
+    fn forget(&self, key: &GatewayKey) {
+        lock(&self.gateways).remove(key);
+    }
+
+    /// Observes the convergence of pending changes of `key` if every connected node has
+    /// ACKed the latest compilation; drops them when no node is left.
+    fn check_converged(&self, key: &GatewayKey, now: Instant) {
+        let mut gateways = lock(&self.gateways);
+        let Some(state) = gateways.get_mut(key) else {
+            return;
+        };
+        if state.pending.is_empty() {
+            return;
+        }
+        let Some(last) = state.records.back() else {
+            return;
+        };
+        if self.fleet.nodes_of(key).is_empty() {
+            state.pending.clear();
+            return;
+        }
+        let converged = PUSH_ORDER
+            .iter()
+            .zip(&last.versions)
+            .all(|(k, v)| self.fleet.all_acked(key, *k, v));
+        if converged {
+            for p in state.pending.drain(..) {
+                let secs = now.saturating_duration_since(p.commit_at).as_secs_f64();
+                tracing::debug!(gateway = %key, revision = p.revision, secs, "change converged");
+                self.metrics.convergence.observe(secs);
+            }
+        }
+    }
+
+    fn on_fleet_event(&self, event: FleetEvent) {
+        match event {
+            FleetEvent::Connected { stream_id, .. } => {
+                lock(&self.lags).insert(
+                    stream_id,
+                    NodeLag {
+                        connected_at: Some(Instant::now()),
+                        lag_ms: [None; 5],
+                    },
+                );
+            }
+            FleetEvent::Ack(ack) => {
+                let Some(i) = type_index(ack.kind) else {
+                    return;
+                };
+                let produced = lock(&self.gateways).get(&ack.gateway).and_then(|s| {
+                    s.records
+                        .iter()
+                        .rev()
+                        .find(|r| r.versions[i] == ack.version)
+                        .map(|r| r.produced_at[i])
+                });
+                if let Some(produced) = produced {
+                    let mut lags = lock(&self.lags);
+                    let entry = lags.entry(ack.stream_id).or_insert(NodeLag {
+                        connected_at: None,
+                        lag_ms: [None; 5],
+                    });
+                    let start = entry.connected_at.map_or(produced, |c| c.max(produced));
+                    let ms = ack.at.saturating_duration_since(start).as_millis();
+                    entry.lag_ms[i] = Some(u64::try_from(ms).unwrap_or(u64::MAX));
+                }
+                self.check_converged(&ack.gateway, ack.at);
+            }
+            FleetEvent::Nack { .. } => {}
+            FleetEvent::Disconnected {
+                stream_id, gateway, ..
+            } => {
+                lock(&self.lags).remove(&stream_id);
+                self.check_converged(&gateway, Instant::now());
+            }
+        }
+    }
+}
+
+/// Follows fleet events until `shutdown` (subscribe before the ADS server starts so no
+/// event is missed).
+pub async fn track_fleet(
+    shared: Arc<ControllerShared>,
+    mut events: broadcast::Receiver<FleetEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let event = tokio::select! {
+            () = stopping(&mut shutdown) => return,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(e) => shared.on_fleet_event(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "fleet tracker fell behind; lag figures may be incomplete"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// The controller task.
+pub struct Controller {
+    store: Arc<dyn Store>,
+    cache: SnapshotCache,
+    shared: Arc<ControllerShared>,
+    options: ControllerOptions,
+    items: BTreeMap<ResourceKey, Arc<Item>>,
+    revision: u64,
+    /// Gateways that have been given a snapshot and still exist.
+    known: BTreeSet<GatewayKey>,
+}
+
+enum Step {
+    Continue,
+    Relist,
+    Stop,
+}
+
+impl Controller {
+    /// A controller over `store` feeding `cache`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: SnapshotCache,
+        shared: Arc<ControllerShared>,
+        options: ControllerOptions,
+    ) -> Self {
+        Controller {
+            store,
+            cache,
+            shared,
+            options,
+            items: BTreeMap::new(),
+            revision: 0,
+            known: BTreeSet::new(),
+        }
+    }
+
+    /// Runs until `shutdown` becomes true or the store closes.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow(&mut shutdown).await {
+                Step::Stop => return,
+                Step::Continue => backoff = Duration::from_millis(100),
+                Step::Relist => {
+                    tokio::select! {
+                        () = stopping(&mut shutdown) => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One list + watch cycle; returns how to go on.
+    async fn follow(&mut self, shutdown: &mut watch::Receiver<bool>) -> Step {
+        let listed = match self.store.range(REGISTRY_PREFIX).await {
+            Ok(r) => r,
+            Err(StoreError::Closed) => return Step::Stop,
+            Err(e) => {
+                tracing::warn!(error = %e, "controller: cannot list the store; retrying");
+                return Step::Relist;
+            }
+        };
+        self.items.clear();
+        for kv in &listed.kvs {
+            self.put(kv);
+        }
+        self.revision = listed.revision;
+        self.publish();
+        self.compile(Instant::now()).await;
+        let mut watch = match self.store.watch(REGISTRY_PREFIX, listed.revision + 1).await {
+            Ok(w) => w,
+            Err(StoreError::Closed) => return Step::Stop,
+            Err(e) => {
+                tracing::warn!(error = %e, "controller: cannot watch the store; re-listing");
+                return Step::Relist;
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                () = stopping(shutdown) => return Step::Stop,
+                b = watch.recv() => b,
+            };
+            let commit_at = Instant::now();
+            match self.handle(first) {
+                Step::Continue => {}
+                other => return other,
+            }
+            let hard_deadline = commit_at + self.options.max_debounce;
+            let mut deadline = (commit_at + self.options.debounce).min(hard_deadline);
+            loop {
+                tokio::select! {
+                    () = stopping(shutdown) => return Step::Stop,
+                    () = tokio::time::sleep_until(deadline.into()) => break,
+                    b = watch.recv() => {
+                        match self.handle(b) {
+                            Step::Continue => {}
+                            other => {
+                                self.compile(commit_at).await;
+                                return other;
+                            }
+                        }
+                        deadline = (Instant::now() + self.options.debounce).min(hard_deadline);
+                    }
+                }
+            }
+            self.compile(commit_at).await;
+        }
+    }
+
+    fn handle(&mut self, batch: Option<Result<WatchBatch, StoreError>>) -> Step {
+        match batch {
+            Some(Ok(b)) => {
+                for e in &b.events {
+                    match e {
+                        Event::Put { kv, .. } => self.put(kv),
+                        Event::Delete { key, .. } => {
+                            if let Some(k) = parse_store_key(key) {
+                                self.items.remove(&k);
+                            }
+                        }
+                    }
+                }
+                self.revision = b.revision;
+                self.publish();
+                Step::Continue
+            }
+            Some(Err(StoreError::Closed)) | None => Step::Stop,
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "controller: watch ended; re-listing");
+                Step::Relist
+            }
+        }
+    }
+
+    fn put(&mut self, kv: &KeyValue) {
+        let Some(key) = parse_store_key(&kv.key) else {
+            return;
+        };
+        match decode(&kv.value) {
+            Ok(resource) if resource.key() == key => {
+                self.items.insert(
+                    key,
+                    Arc::new(Item {
+                        resource,
+                        create_revision: kv.create_revision,
+                        mod_revision: kv.mod_revision,
+                    }),
+                );
+            }
+            Ok(resource) => {
+                tracing::warn!(key = %kv.key, found = %resource.key(), "stored document does not match its key; ignored");
+                self.items.remove(&key);
+            }
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "stored document is invalid; ignored");
+                self.items.remove(&key);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.shared
+            .publish(World::build(self.revision, &self.items));
+    }
+
+    /// Compiles every Gateway of the current world and empties the deleted ones.
+    async fn compile(&mut self, commit_at: Instant) {
+        let world = self.shared.world();
+        let revision = world.revision;
+        let present: BTreeSet<GatewayKey> = world
+            .set
+            .gateways()
+            .map(|g| GatewayKey::new(g.metadata.namespace(), g.metadata.name.clone()))
+            .collect();
+        let removed: Vec<GatewayKey> = self.known.difference(&present).cloned().collect();
+        let cache = self.cache.clone();
+        let opts = self.options.translate;
+        let targets: Vec<GatewayKey> = present.iter().cloned().collect();
+        let work = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(targets.len());
+            for gw in targets {
+                let r = to_xds(&world.set, &gw.namespace, &gw.name, &opts)
+                    .map_err(|e| e.to_string())
+                    .and_then(|x| cache.set(&gw, &x).map_err(|e| e.to_string()));
+                out.push((gw, r));
+            }
+            let mut emptied = Vec::new();
+            for gw in removed {
+                let r = cache.set(&gw, &XdsResources::default());
+                emptied.push((gw, r.is_ok()));
+            }
+            (out, emptied)
+        });
+        let (results, emptied) = match work.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "controller: compilation task failed");
+                return;
+            }
+        };
+        for (gw, r) in results {
+            self.shared.metrics.compiles.inc();
+            match r {
+                Ok(outcome) => {
+                    if !outcome.is_noop() {
+                        self.shared.metrics.snapshot_changes.inc();
+                        tracing::info!(gateway = %gw, revision, changed = ?outcome.changed, "Gateway recompiled");
+                    }
+                    self.shared.record(&gw, revision, commit_at, &outcome);
+                    self.known.insert(gw.clone());
+                    self.shared.check_converged(&gw, Instant::now());
+                }
+                Err(message) => {
+                    self.shared.metrics.compile_errors.inc();
+                    tracing::warn!(gateway = %gw, revision, error = %message,
+                        "Gateway cannot be compiled; its nodes keep the previous configuration");
+                    self.shared.record_error(&gw, message);
+                }
+            }
+        }
+        for (gw, ok) in emptied {
+            tracing::info!(gateway = %gw, revision, ok, "Gateway deleted; its nodes get an empty configuration");
+            self.known.remove(&gw);
+            self.shared.forget(&gw);
+        }
+    }
+}
+
+/// Parses one stored document.
+pub fn decode(value: &[u8]) -> Result<Resource, String> {
+    let text = std::str::from_utf8(value).map_err(|e| format!("not UTF-8: {e}"))?;
+    let mut resources = biplane_api::parse_documents(text).map_err(|e| e.to_string())?;
+    match (resources.pop(), resources.is_empty()) {
+        (Some(r), true) => Ok(r),
+        _ => Err("expected exactly one document".to_owned()),
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopping(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,367 @@
+//! Wiring of `biplane control`: opens the store, starts the controller, the fleet tracker,
+//! the ADS gRPC server and the admin API, and stops them all cleanly ([`run`],
+//! [`ControlHandle::shutdown`]).
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use biplane_xds::TranslateOptions;
+use biplane_xds::server::{AdsServer, FleetStatus, ServerSettings, SnapshotCache};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Status, Streaming};
+
+use crate::api::{ApiState, router};
+use crate::controller::{Controller, ControllerOptions, ControllerShared, track_fleet};
+use crate::metrics::Metrics;
+use crate::store::{DEFAULT_DATA_DIR, RedbStore, Store, StoreError, StoreOptions};
+
+/// Default admin API address.
+pub const DEFAULT_API_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
+/// Default xDS (ADS gRPC) address.
+pub const DEFAULT_XDS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 18000);
+/// How long [`ControlHandle::shutdown`] waits for each task before aborting it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What `biplane control` is started with.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// Admin API listen address (`--api-addr`).
+    pub api_addr: SocketAddr,
+    /// ADS listen address (`--xds-addr`).
+    pub xds_addr: SocketAddr,
+    /// Store directory (`--data-dir`).
+    pub data_dir: PathBuf,
+    /// Quiet time before a burst of changes is compiled (`--debounce`).
+    pub debounce: Duration,
+    /// The IP Envoy listeners bind on the nodes.
+    pub bind_ip: IpAddr,
+    /// gRPC settings of the xDS listener.
+    pub xds_settings: ServerSettings,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        ControlOptions {
+            api_addr: DEFAULT_API_ADDR,
+            xds_addr: DEFAULT_XDS_ADDR,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            debounce: Duration::from_millis(100),
+            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            xds_settings: ServerSettings::default(),
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}")]
+    Store {
+        /// The data directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for the {what}")]
+    Bind {
+        /// `admin API` or `xDS server`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A startup task panicked.
+    #[error("startup failed: {0}")]
+    Startup(String),
+}
+
+/// A running control plane.
+pub struct ControlHandle {
+    api_addr: SocketAddr,
+    xds_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    fleet: FleetStatus,
+    cache: SnapshotCache,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for ControlHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlHandle")
+            .field("api_addr", &self.api_addr)
+            .field("xds_addr", &self.xds_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlHandle {
+    /// The bound admin API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The bound xDS address.
+    pub fn xds_addr(&self) -> SocketAddr {
+        self.xds_addr
+    }
+
+    /// The fleet view of the ADS server.
+    pub fn fleet(&self) -> &FleetStatus {
+        &self.fleet
+    }
+
+    /// The per-Gateway snapshot cache.
+    pub fn cache(&self) -> &SnapshotCache {
+        &self.cache
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Resolves with the task's name when a server task has ended by itself (a fatal
+    /// error). Use it to exit instead of running half a control plane.
+    pub async fn wait_for_failure(&mut self) -> &'static str {
+        loop {
+            if let Some((name, _)) = self.tasks.iter().find(|(_, t)| t.is_finished()) {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Stops everything: ADS streams end with `UNAVAILABLE`, watch streams end, the
+    /// servers drain, the controller stops and the store is closed (the data directory
+    /// can be opened again once this returns).
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        for (name, mut task) in self.tasks {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(task = name, error = %e, "task failed"),
+                Err(_) => {
+                    tracing::warn!(task = name, "task did not stop in time; aborting it");
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        }
+        tracing::info!("control plane stopped");
+    }
+}
+
+/// Starts the control plane (see the module docs); returns once every listener is bound.
+pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError> {
+    let dir = options.data_dir.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || RedbStore::open(&dir, StoreOptions::default()))
+            .await
+            .map_err(|e| ControlError::Startup(e.to_string()))?;
+    let store: Arc<dyn Store> = Arc::new(opened.map_err(|source| ControlError::Store {
+        path: options.data_dir.clone(),
+        source,
+    })?);
+    let api_listener = tokio::net::TcpListener::bind(options.api_addr)
+        .await
+        .map_err(|source| ControlError::Bind {
+            what: "admin API",
+            addr: options.api_addr,
+            source,
+        })?;
+    let xds_listener = tokio::net::TcpListener::bind(options.xds_addr)
+        .await
+        .map_err(|source| ControlError::Bind {
+            what: "xDS server",
+            addr: options.xds_addr,
+            source,
+        })?;
+    let bound = |l: &tokio::net::TcpListener, what, addr| {
+        l.local_addr()
+            .map_err(|source| ControlError::Bind { what, addr, source })
+    };
+    let api_addr = bound(&api_listener, "admin API", options.api_addr)?;
+    let xds_addr = bound(&xds_listener, "xDS server", options.xds_addr)?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cache = SnapshotCache::new();
+    let fleet = FleetStatus::new();
+    let metrics = Arc::new(Metrics::new(fleet.clone()));
+    let shared = ControllerShared::new(fleet.clone(), metrics.clone());
+    let translate = TranslateOptions {
+        bind_ip: options.bind_ip,
+    };
+    let mut tasks = Vec::new();
+
+    // The tracker subscribes before any node can connect.
+    let events = fleet.subscribe();
+    tasks.push((
+        "fleet tracker",
+        tokio::spawn(track_fleet(shared.clone(), events, shutdown_rx.clone())),
+    ));
+
+    let controller = Controller::new(
+        store.clone(),
+        cache.clone(),
+        shared.clone(),
+        ControllerOptions {
+            debounce: options.debounce,
+            translate,
+            ..ControllerOptions::default()
+        },
+    );
+    tasks.push((
+        "controller",
+        tokio::spawn(controller.run(shutdown_rx.clone())),
+    ));
+
+    let ads = StoppableAds {
+        inner: AdsServer::new(cache.clone(), fleet.clone()),
+        shutdown: shutdown_rx.clone(),
+    };
+    let service = AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(64 << 20);
+    let xds_server = options
+        .xds_settings
+        .builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(xds_listener),
+            stopped(shutdown_rx.clone()),
+        );
+    tasks.push((
+        "xDS server",
+        tokio::spawn(async move {
+            if let Err(e) = xds_server.await {
+                tracing::error!(error = %e, "xDS server failed");
+            }
+        }),
+    ));
+
+    let state = Arc::new(ApiState {
+        store,
+        shared,
+        fleet: fleet.clone(),
+        metrics: metrics.clone(),
+        translate,
+        shutdown: shutdown_rx.clone(),
+    });
+    let app = router(state);
+    let api_shutdown = stopped(shutdown_rx.clone());
+    tasks.push((
+        "admin API",
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(api_listener, app)
+                .with_graceful_shutdown(api_shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        }),
+    ));
+    tracing::info!(%api_addr, %xds_addr, data_dir = %options.data_dir.display(), "control plane started");
+    Ok(ControlHandle {
+        api_addr,
+        xds_addr,
+        shutdown: shutdown_tx,
+        tasks,
+        fleet,
+        cache,
+        metrics,
+    })
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The ADS service whose response streams end with `UNAVAILABLE` on shutdown, so the
+/// gRPC server can drain (ADS streams otherwise never end).
+#[derive(Clone)]
+struct StoppableAds {
+    inner: AdsServer,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A response stream that ends at shutdown.
+pub struct UntilShutdown<S> {
+    inner: S,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl<S> UntilShutdown<S> {
+    fn new(inner: S, shutdown: watch::Receiver<bool>) -> Self {
+        UntilShutdown {
+            inner,
+            stop: Box::pin(stopped(shutdown)),
+            ended: false,
+        }
+    }
+}
+
+impl<S, T> Stream for UntilShutdown<S>
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.stop.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(Status::unavailable(
+                "the control plane is shutting down",
+            ))));
+        }
+        Pin::new(&mut this.inner).poll_next(cx)
+    }
+}
+
+type Sotw = <AdsServer as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
+type Delta = <AdsServer as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for StoppableAds {
+    type StreamAggregatedResourcesStream = UntilShutdown<Sotw>;
+    type DeltaAggregatedResourcesStream = UntilShutdown<Delta>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let resp = self.inner.stream_aggregated_resources(request).await?;
+        let shutdown = self.shutdown.clone();
+        Ok(resp.map(|s| UntilShutdown::new(s, shutdown)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let resp = self.inner.delta_aggregated_resources(request).await?;
+        let shutdown = self.shutdown.clone();
+        Ok(resp.map(|s| UntilShutdown::new(s, shutdown)))
+    }
+}
