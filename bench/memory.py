@@ -1,0 +1,312 @@
+"""Memory at scale, Biplane beside NGINX and HAProxy (one worker each) in the same run:
+
+1. idle: RSS after start-up and one proxied request;
+2. idle connections: RSS with N idle keep-alive client connections open (each has sent
+   one request and read its response), and so the memory per idle connection;
+3. routes: RSS with R routes over B backends configured (B virtual hosts of R/B path
+   prefixes each, every backend one endpoint), the time from start to serving, and so
+   the memory per route.
+
+RSS is summed over the proxy's processes (NGINX: master + worker); PSS (which splits
+shared pages between processes) is reported beside it. Run through bench/memory.sh.
+
+Environment: BENCH_IDLE_CONNS=10000, BENCH_ROUTES=10000, BENCH_BACKENDS=1000,
+BENCH_PEERS=nginx,haproxy,biplane, BENCH_OUT=bench/results, BIPLANE_BIN.
+Internal: `memory.py hold PORT N` is the idle-connection client (one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lib  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PEERS = ["nginx", "haproxy", "biplane"]
+
+
+# ---------------------------------------------------------------------------------------
+# The idle-connection client
+# ---------------------------------------------------------------------------------------
+
+
+async def _hold(port: int, n: int) -> None:
+    sem = asyncio.Semaphore(200)
+    writers: list[asyncio.StreamWriter] = []
+    failures = 0
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    async def one() -> None:
+        nonlocal failures
+        async with sem:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 20)
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(head[:40])
+                await asyncio.wait_for(reader.readexactly(length), 20)
+                writers.append(writer)
+            except Exception:  # counted, reported by the parent
+                failures += 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    print(f"HELD {len(writers)} {failures}", flush=True)
+    # Keep every connection open until the parent closes our stdin.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for w in writers:
+        w.close()
+
+
+def hold_main(port: int, n: int) -> None:
+    lib.raise_nofile()
+    asyncio.run(_hold(port, n))
+
+
+# ---------------------------------------------------------------------------------------
+# Route-scale configurations (the same routing table for the three proxies)
+# ---------------------------------------------------------------------------------------
+
+
+def biplane_routes(up_port: int, port: int, routes: int, backends: int) -> str:
+    per = routes // backends
+    docs = [
+        f"""---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: bench
+spec:
+  listeners:
+  - name: http
+    port: {port}
+    protocol: HTTP
+"""
+    ]
+    for i in range(backends):
+        rules = "".join(
+            f"""  - matches:
+    - path: {{type: PathPrefix, value: /r{k}}}
+    backendRefs: [{{group: biplane.dev, kind: Backend, name: b{i}}}]
+"""
+            for k in range(per)
+        )
+        docs.append(
+            f"""---
+apiVersion: biplane.dev/v1alpha1
+kind: Backend
+metadata:
+  name: b{i}
+spec:
+  endpoints:
+  - address: 127.0.0.1
+    port: {up_port}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: r{i}
+spec:
+  parentRefs: [{{name: bench}}]
+  hostnames: [svc{i}.bench.local]
+  rules:
+{rules}"""
+        )
+    return "".join(docs)
+
+
+def nginx_routes(up_port: int, routes: int, backends: int):
+    per = routes // backends
+
+    def servers(port: int) -> str:
+        out = ["    server_names_hash_max_size 65536;\n    server_names_hash_bucket_size 128;\n"]
+        for i in range(backends):
+            out.append(
+                f"    upstream b{i} {{ server 127.0.0.1:{up_port}; keepalive 64; keepalive_requests 1000000000; }}\n"
+            )
+        for i in range(backends):
+            locs = "".join(f"        location /r{k}/ {{ proxy_pass http://b{i}; }}\n" for k in range(per))
+            out.append(f"    server {{\n        listen 127.0.0.1:{port};\n        server_name svc{i}.bench.local;\n{locs}    }}\n")
+        return "".join(out)
+
+    return servers
+
+
+def haproxy_routes(workdir: Path, up_port: int, routes: int, backends: int) -> str:
+    per = routes // backends
+    mapfile = workdir / "routes.map"
+    mapfile.write_text("".join(f"svc{i}.bench.local/r{k}/ b{i}\n" for i in range(backends) for k in range(per)))
+    out = [f"    use_backend %[base,map_beg({mapfile})]\n"]
+    for i in range(backends):
+        out.append(f"\nbackend b{i}\n    server s 127.0.0.1:{up_port}\n")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def start(peer: str, workdir: Path, up: lib.Upstream, biplane: str, routes: tuple[int, int] | None) -> lib.Peer:
+    if routes is None:
+        if peer == "nginx":
+            return lib.start_nginx(workdir, up.h1, None)
+        if peer == "haproxy":
+            return lib.start_haproxy(workdir, up.h1, None)
+        return lib.start_biplane(workdir, up.h1, None, biplane)
+    r, b = routes
+    if peer == "nginx":
+        return lib.start_nginx(workdir, up.h1, None, servers=nginx_routes(up.h1, r, b))
+    if peer == "haproxy":
+        return lib.start_haproxy(workdir, up.h1, None, routing=haproxy_routes(workdir, up.h1, r, b))
+    port = lib.free_port()
+    return lib.start_biplane(workdir, up.h1, None, biplane, yaml=biplane_routes(up.h1, port, r, b), h1=port)
+
+
+def settle() -> None:
+    time.sleep(1.0)
+
+
+def measure_peer(peer: str, workdir: Path, up: lib.Upstream, biplane: str, conns: int, routes: int, backends: int) -> dict:
+    out: dict = {}
+    # 1 + 2: idle, then idle connections.
+    p = start(peer, workdir, up, biplane, None)
+    try:
+        assert p.proc is not None
+        lib.wait_http(p.h1, p.proc)
+        settle()
+        idle = lib.mem_status(p.pids())
+        out["idle_rss_bytes"], out["idle_pss_bytes"] = idle["rss"], idle["pss"]
+        holder = subprocess.Popen(
+            ["taskset", "-c", lib.LOAD_CORE, sys.executable, str(Path(__file__).resolve()), "hold", str(p.h1), str(conns)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            line = holder.stdout.readline().split()
+            if not line or line[0] != "HELD":
+                raise RuntimeError(f"idle-connection client failed: {line}")
+            held, failed = int(line[1]), int(line[2])
+            settle()
+            m = lib.mem_status(p.pids())
+            out["conns_requested"], out["conns_held"], out["conns_failed"] = conns, held, failed
+            out["conns_open_at_proxy"] = lib.socket_count(p.pids())
+            out["conns_rss_bytes"], out["conns_pss_bytes"] = m["rss"], m["pss"]
+            out["bytes_per_idle_conn"] = round((m["rss"] - idle["rss"]) / held) if held else None
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+    finally:
+        p.stop()
+    # 3: routes.
+    t0 = time.monotonic()
+    p = start(peer, workdir, up, biplane, (routes, backends))
+    try:
+        assert p.proc is not None
+        i, k = random.randrange(backends), random.randrange(routes // backends)
+        lib.wait_http(p.h1, p.proc, path=f"/r{k}/x", host=f"svc{i}.bench.local", deadline_s=120)
+        out["routes_ready_s"] = round(time.monotonic() - t0, 2)
+        # A host that is not configured must not reach the upstream (the table is in force).
+        status, _ = lib.http_get(p.h1, f"/r{k}/x", host="nope.bench.local")
+        out["routes_unknown_host_status"] = status
+        settle()
+        m = lib.mem_status(p.pids())
+        out["routes"], out["backends"] = routes, backends
+        out["routes_rss_bytes"], out["routes_pss_bytes"] = m["rss"], m["pss"]
+        out["bytes_per_route"] = round((m["rss"] - out["idle_rss_bytes"]) / routes)
+    finally:
+        p.stop()
+    return out
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"Run {result['started']}: {result['machine']['nproc']} × {result['machine']['cpu_model']}, "
+        f"load average {' '.join(result['machine']['loadavg_start'])}. RSS summed over the proxy's processes.",
+        "",
+        f"| Peer | idle RSS MiB | RSS with {c['idle_conns']:,} idle conns MiB | bytes / idle conn | "
+        f"RSS with {c['routes']:,} routes / {c['backends']:,} backends MiB | bytes / route | start to serving s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer in c["peers"]:
+        r = result["peers"].get(peer, {})
+        if "error" in r:
+            lines.append(f"| {peer} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        mib = lambda k: f"{r[k] / 2**20:.1f}" if r.get(k) is not None else "–"  # noqa: E731
+        held = f" ({r['conns_held']:,} held)" if r.get("conns_held") != c["idle_conns"] else ""
+        lines.append(
+            f"| {peer} | {mib('idle_rss_bytes')} | {mib('conns_rss_bytes')}{held} | {r.get('bytes_per_idle_conn', '–'):,} | "
+            f"{mib('routes_rss_bytes')} | {r.get('bytes_per_route', '–'):,} | {r.get('routes_ready_s', '–')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] == "hold":
+        hold_main(int(sys.argv[2]), int(sys.argv[3]))
+        return 0
+    smoke = "--smoke" in sys.argv[1:]
+    biplane = os.environ.get("BIPLANE_BIN") or "biplane"
+    conns = 500 if smoke else int(os.environ.get("BENCH_IDLE_CONNS", 10000))
+    routes = 500 if smoke else int(os.environ.get("BENCH_ROUTES", 10000))
+    backends = 50 if smoke else int(os.environ.get("BENCH_BACKENDS", 1000))
+    peers = [p for p in (os.environ.get("BENCH_PEERS") or ",".join(PEERS)).split(",") if p in PEERS]
+    out_dir = Path(os.environ.get("BENCH_OUT") or (HERE / "results"))
+    if smoke and not os.environ.get("BENCH_OUT"):
+        out_dir = Path(tempfile.gettempdir()) / "biplane-bench-smoke"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nofile = lib.raise_nofile()
+    if nofile < conns + 1000:
+        print(f"warning: open-file limit {nofile} is low for {conns} connections", file=sys.stderr)
+
+    result: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "mode": "smoke" if smoke else "full",
+        "machine": lib.machine_info(),
+        "versions": lib.versions(biplane),
+        "config": {"idle_conns": conns, "routes": routes, "backends": backends, "peers": peers, "nofile": nofile},
+        "peers": {},
+    }
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="biplane-mem-") as tmp:
+        workdir = Path(tmp)
+        cert = lib.make_cert(workdir)
+        up = lib.start_upstream(workdir, cert)
+        try:
+            for peer in peers:
+                try:
+                    r = measure_peer(peer, workdir, up, biplane, conns, routes, backends)
+                except Exception as e:  # one peer failing must not sink the others
+                    r = {"error": str(e)[-1500:]}
+                result["peers"][peer] = r
+                print(f"{peer}: {json.dumps(r)}", flush=True)
+        finally:
+            up.proc.stop()
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    (out_dir / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (out_dir / "memory.md").write_text(md)
+    print()
+    print(md)
+    print(f"wrote {out_dir}/memory.json, memory.md in {result['elapsed_s']} s")
+    return 1 if any("error" in r for r in result["peers"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
