@@ -69,7 +69,7 @@ async fn no_route_is_404() {
 
 #[tokio::test]
 async fn endpoint_down_is_503() {
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into(); // nothing listens there
+    let (_reserved, dead) = refused_addr();
     let (_proxy, addr) = proxy_for(format!(
         "{}{}",
         backend("dead", &[(dead, 1)]),
