@@ -1,6 +1,7 @@
 //! The controller: follows the store (`/registry/`), keeps the current resources in memory
-//! ([`World`]), and after each debounced burst of changes recompiles every Gateway into
-//! the [`SnapshotCache`] (whose no-op detection keeps unchanged Gateways from pushing). It
+//! ([`World`]), and after each debounced burst of changes recompiles the Gateways the
+//! burst touched into the [`SnapshotCache`] (whose no-op detection then keeps a Gateway
+//! whose generated resources did not change from pushing). It
 //! records, per Gateway, which store revision produced which xDS versions, so that fleet
 //! ACKs turn into convergence times (store commit → last node ACK), per-node lag and the
 //! `Programmed` condition.
@@ -8,6 +9,11 @@
 //! # Flow
 //! 1. `range("/registry/")` at revision `R`, compile every Gateway, then
 //!    `watch("/registry/", R + 1)`.
+//!    Each compile records the Gateway's dependencies ([`gateway_deps`]): the Gateway,
+//!    its certificate Secrets, the routes whose parentRefs name it and the Backends they
+//!    reference — present or not, so creating a missing Backend recompiles the Gateways
+//!    waiting for it. A burst recompiles a Gateway only if it changed one of those keys,
+//!    or if a changed route now names it in its parentRefs.
 //! 2. Each watch batch updates the [`World`] at once (status reads see it); compilation
 //!    waits until no batch arrived for `debounce`, at most `max_debounce` after the first.
 //! 3. A Gateway whose translation fails keeps serving its previous snapshot; the error is
@@ -19,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use biplane_api::{Resource, ResourceKey, ResourceSet};
+use biplane_api::{Gateway, Resource, ResourceKey, ResourceKind, ResourceSet, RouteRef};
 use biplane_xds::server::{
     FleetEvent, FleetStatus, GatewayKey, NodeStatus, PUSH_ORDER, SetOutcome, SnapshotCache,
 };
@@ -261,6 +267,16 @@ impl ControllerShared {
         }
     }
 
+    /// Records that `key`'s latest compilation also stands for store revision `revision`.
+    fn mark_unchanged(&self, key: &GatewayKey, revision: u64) {
+        if let Some(last) = lock(&self.gateways)
+            .get_mut(key)
+            .and_then(|s| s.records.back_mut())
+        {
+            last.last_revision = last.last_revision.max(revision);
+        }
+    }
+
     fn record_error(&self, key: &GatewayKey, message: String) {
         lock(&self.gateways).entry(key.clone()).or_default().error = Some(message);
     }
@@ -379,6 +395,14 @@ pub struct Controller {
     revision: u64,
     /// Gateways that have been given a snapshot and still exist.
     known: BTreeSet<GatewayKey>,
+    /// What each Gateway's last compile read (see [`gateway_deps`]).
+    deps: BTreeMap<GatewayKey, BTreeSet<ResourceKey>>,
+    /// Keys changed since the last compile.
+    dirty: BTreeSet<ResourceKey>,
+    /// Gateways named by the parentRefs of routes changed since the last compile.
+    dirty_gateways: BTreeSet<GatewayKey>,
+    /// Recompile every Gateway (after a (re)list).
+    dirty_all: bool,
 }
 
 enum Step {
@@ -403,6 +427,10 @@ impl Controller {
             items: BTreeMap::new(),
             revision: 0,
             known: BTreeSet::new(),
+            deps: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            dirty_gateways: BTreeSet::new(),
+            dirty_all: true,
         }
     }
 
@@ -439,6 +467,7 @@ impl Controller {
             self.put(kv);
         }
         self.revision = listed.revision;
+        self.dirty_all = true;
         self.publish();
         self.compile(Instant::now()).await;
         let mut watch = match self.store.watch(REGISTRY_PREFIX, listed.revision + 1).await {
@@ -490,6 +519,7 @@ impl Controller {
                         Event::Delete { key, .. } => {
                             if let Some(k) = parse_store_key(key) {
                                 self.items.remove(&k);
+                                self.dirty.insert(k);
                             }
                         }
                     }
@@ -510,8 +540,10 @@ impl Controller {
         let Some(key) = parse_store_key(&kv.key) else {
             return;
         };
+        self.dirty.insert(key.clone());
         match decode(&kv.value) {
             Ok(resource) if resource.key() == key => {
+                self.dirty_gateways.extend(named_gateways(&resource));
                 self.items.insert(
                     key,
                     Arc::new(Item {
@@ -537,7 +569,8 @@ impl Controller {
             .publish(World::build(self.revision, &self.items));
     }
 
-    /// Compiles every Gateway of the current world and empties the deleted ones.
+    /// Recompiles the Gateways of the current world that the changes since the last
+    /// compile touched, and empties the deleted ones.
     async fn compile(&mut self, commit_at: Instant) {
         let world = self.shared.world();
         let revision = world.revision;
@@ -547,16 +580,30 @@ impl Controller {
             .map(|g| GatewayKey::new(g.metadata.namespace(), g.metadata.name.clone()))
             .collect();
         let removed: Vec<GatewayKey> = self.known.difference(&present).cloned().collect();
+        let (targets, untouched): (Vec<GatewayKey>, Vec<GatewayKey>) =
+            present.iter().cloned().partition(|gw| self.touched(gw));
+        self.dirty.clear();
+        self.dirty_gateways.clear();
+        self.dirty_all = false;
+        for gw in &untouched {
+            // Nothing it reads changed: compiling it at this revision would give the same
+            // snapshot, so record it as such (for `Programmed` and lag).
+            self.shared.mark_unchanged(gw, revision);
+        }
         let cache = self.cache.clone();
         let opts = self.options.translate;
-        let targets: Vec<GatewayKey> = present.iter().cloned().collect();
         let work = tokio::task::spawn_blocking(move || {
             let mut out = Vec::with_capacity(targets.len());
             for gw in targets {
+                let deps = world
+                    .set
+                    .gateway(&gw.namespace, &gw.name)
+                    .map(|g| gateway_deps(&world.set, g))
+                    .unwrap_or_default();
                 let r = to_xds(&world.set, &gw.namespace, &gw.name, &opts)
                     .map_err(|e| e.to_string())
                     .and_then(|x| cache.set(&gw, &x).map_err(|e| e.to_string()));
-                out.push((gw, r));
+                out.push((gw, deps, r));
             }
             let mut emptied = Vec::new();
             for gw in removed {
@@ -572,8 +619,9 @@ impl Controller {
                 return;
             }
         };
-        for (gw, r) in results {
+        for (gw, deps, r) in results {
             self.shared.metrics.compiles.inc();
+            self.deps.insert(gw.clone(), deps);
             match r {
                 Ok(outcome) => {
                     if !outcome.is_noop() {
@@ -595,9 +643,66 @@ impl Controller {
         for (gw, ok) in emptied {
             tracing::info!(gateway = %gw, revision, ok, "Gateway deleted; its nodes get an empty configuration");
             self.known.remove(&gw);
+            self.deps.remove(&gw);
             self.shared.forget(&gw);
         }
     }
+
+    /// Whether the changes since the last compile may change `gw`'s snapshot.
+    fn touched(&self, gw: &GatewayKey) -> bool {
+        self.dirty_all
+            || self.dirty_gateways.contains(gw)
+            || match self.deps.get(gw) {
+                Some(deps) => !deps.is_disjoint(&self.dirty),
+                // Never compiled (e.g. its last compile failed before deps were known).
+                None => true,
+            }
+    }
+}
+
+/// The keys a Gateway's translation reads: the Gateway, the Secrets of its certificate
+/// refs, every route whose parentRefs name it, and the Backends those routes reference
+/// (whether they exist or not).
+pub fn gateway_deps(set: &ResourceSet, gw: &Gateway) -> BTreeSet<ResourceKey> {
+    let ns = gw.metadata.namespace();
+    let name = gw.metadata.name.as_str();
+    let mut deps = BTreeSet::new();
+    deps.insert(ResourceKey::new(ResourceKind::Gateway, ns, name.to_owned()));
+    for l in &gw.spec.listeners {
+        for c in l.tls.iter().flat_map(|t| t.certificate_refs.iter()) {
+            let cns = c.namespace.as_deref().unwrap_or(ns);
+            deps.insert(ResourceKey::new(ResourceKind::Secret, cns, c.name.clone()));
+        }
+    }
+    for (_, route) in set.routes() {
+        let rns = route.metadata().namespace();
+        let names_gw = route
+            .parent_refs()
+            .iter()
+            .any(|p| p.name == name && p.namespace.as_deref().unwrap_or(rns) == ns);
+        if !names_gw {
+            continue;
+        }
+        deps.insert(route.key());
+        for (_, _, b) in route.backend_refs() {
+            let bns = b.namespace.as_deref().unwrap_or(rns);
+            deps.insert(ResourceKey::new(ResourceKind::Backend, bns, b.name.clone()));
+        }
+    }
+    deps
+}
+
+/// The Gateways a route names in its parentRefs (none for other kinds).
+fn named_gateways(resource: &Resource) -> Vec<GatewayKey> {
+    let Some(route) = RouteRef::from_resource(resource) else {
+        return Vec::new();
+    };
+    let rns = route.metadata().namespace();
+    route
+        .parent_refs()
+        .iter()
+        .map(|p| GatewayKey::new(p.namespace.as_deref().unwrap_or(rns), p.name.clone()))
+        .collect()
 }
 
 /// Parses one stored document.
@@ -613,4 +718,77 @@ pub fn decode(value: &[u8]) -> Result<Resource, String> {
 /// Resolves once the shutdown flag is set (or its sender is gone).
 pub(crate) async fn stopping(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    const SET: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  listeners:
+  - name: https
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{name: cert}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other}
+spec:
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - backendRefs: [{group: biplane.dev, kind: Backend, name: missing}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: elsewhere}
+spec:
+  parentRefs: [{name: other}]
+  rules:
+  - backendRefs: [{group: biplane.dev, kind: Backend, name: b}]
+";
+
+    fn key(kind: ResourceKind, name: &str) -> ResourceKey {
+        ResourceKey::new(kind, "default", name.to_owned())
+    }
+
+    #[test]
+    fn deps_cover_what_the_translation_reads_even_when_absent() {
+        let set = ResourceSet::new(biplane_api::parse_documents(SET).unwrap());
+        let gw = set.gateway("default", "gw").unwrap();
+        let deps = gateway_deps(&set, gw);
+        let want: BTreeSet<ResourceKey> = [
+            key(ResourceKind::Gateway, "gw"),
+            key(ResourceKind::Secret, "cert"),
+            key(ResourceKind::HttpRoute, "web"),
+            key(ResourceKind::Backend, "missing"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(deps, want);
+    }
+
+    #[test]
+    fn a_route_names_its_parent_gateways() {
+        let set = ResourceSet::new(biplane_api::parse_documents(SET).unwrap());
+        let route = set.get(&key(ResourceKind::HttpRoute, "elsewhere")).unwrap();
+        assert_eq!(
+            named_gateways(route),
+            vec![GatewayKey::new("default", "other".to_owned())]
+        );
+        let backendless = set.get(&key(ResourceKind::Gateway, "gw")).unwrap();
+        assert!(named_gateways(backendless).is_empty());
+    }
 }
