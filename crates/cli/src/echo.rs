@@ -33,6 +33,8 @@ use hyper_util::server::conn::auto;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Arguments of `biplane echo`.
 #[derive(Debug, clap::Args)]
@@ -48,26 +50,77 @@ pub struct EchoArgs {
 
 /// Binds, prints `listening on ADDR` (flushed) and serves until the process is stopped.
 pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.addr)
-        .await
-        .with_context(|| format!("binding {}", args.addr))?;
-    let local = listener.local_addr()?;
+    let server = start(args.addr, args.name).await?;
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {local}")?;
+        writeln!(out, "listening on {}", server.addr())?;
         out.flush()?;
     }
-    let name = args.name.unwrap_or_else(|| local.to_string());
+    server.serve_forever().await;
+    Ok(())
+}
+
+/// An echo server running on the caller's runtime (`biplane echo`, and the built-in
+/// upstreams of `biplane up`).
+pub struct EchoServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl EchoServer {
+    /// The bound address (the real port when `127.0.0.1:0` was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the task ends (it does not, short of a panic).
+    async fn serve_forever(self) {
+        let EchoServer { stop, task, .. } = self;
+        let _ = task.await;
+        drop(stop);
+    }
+
+    /// Stops accepting; connections in progress finish their current exchange on their
+    /// own tasks (they end with the runtime).
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves the echo on it in a background task; `name` defaults to the
+/// bound address.
+pub async fn start(addr: SocketAddr, name: Option<String>) -> anyhow::Result<EchoServer> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let name = name.unwrap_or_else(|| local.to_string());
     let state = Arc::new(State {
         header: HeaderValue::from_str(&name).context("--name is not a valid header value")?,
         name,
     });
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, state, stop_rx));
+    Ok(EchoServer {
+        addr: local,
+        stop,
+        task,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
     let builder = Arc::new(builder);
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, _peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -5,6 +5,7 @@ mod client;
 mod control_cmd;
 mod echo;
 mod proxy_cmd;
+mod up_cmd;
 
 use std::process::ExitCode;
 
@@ -24,7 +25,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the data plane from a static resource file (Gateway API + Backend YAML/JSON).
+    /// Run the control plane, two echo upstreams and a proxy node in one process, and apply
+    /// the quick start (examples/quickstart.yaml) on first run.
+    Up(up_cmd::UpArgs),
+    /// Run the data plane: over xDS from control planes (`--control-plane`), or from a
+    /// static resource file (`--config`).
     Proxy(proxy_cmd::ProxyArgs),
     /// A small upstream for tests, demos and benchmarks (HTTP/1.1, h2c, WebSocket, gRPC).
     Echo(echo::EchoArgs),
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Up(args) => up_cmd::run(args).await,
             Command::Proxy(args) => proxy_cmd::run(args).await,
             Command::Control(args) => control_cmd::run(args).await,
             Command::Echo(args) => echo::run(args).await.map(|()| ExitCode::SUCCESS),

@@ -96,66 +96,133 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_xds(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    use biplane_xds::client::{self, ClientOptions, Protocol};
     let Some(gateway) = args.gateway.clone() else {
         anyhow::bail!("--gateway is required with --control-plane");
     };
-    let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
-    let options = ProxyOptions {
-        admin_addr: Some(args.admin_addr),
-        drain_timeout: args.drain_timeout,
-        access_log: !args.no_access_log,
-    };
-    let proxy = Arc::new(
-        Proxy::start_pending(options)
-            .await
-            .context("starting the proxy")?,
-    );
-    if let Some(addr) = proxy.admin_addr() {
-        tracing::info!("admin listening on {addr}");
-    }
-    let mut opts = ClientOptions::new(args.control_plane.clone(), node_id.clone(), gateway.clone());
-    opts.protocol = match args.xds_protocol {
-        XdsProtocol::Delta => Protocol::Delta,
-        XdsProtocol::Sotw => Protocol::Sotw,
-    };
-    opts.state_dir = Some(args.state_dir.clone());
-    opts.initial_fetch_timeout = Some(args.initial_fetch_timeout);
-    tracing::info!(node = %node_id, %gateway, control_plane = ?args.control_plane,
-        state_dir = %args.state_dir.display(), "starting in xDS mode (not ready until a config is applied)");
-    let target = proxy.clone();
-    let handle = client::spawn(opts, move |config| {
-        let proxy = target.clone();
-        async move {
-            proxy.apply(config).await.map_err(|e| e.to_string())?;
-            proxy.set_ready(true);
-            Ok(())
-        }
+    let node = XdsNode::start(XdsNodeOptions {
+        control_plane: args.control_plane.clone(),
+        gateway,
+        node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+        state_dir: args.state_dir.clone(),
+        protocol: args.xds_protocol,
+        initial_fetch_timeout: args.initial_fetch_timeout,
+        proxy: ProxyOptions {
+            admin_addr: Some(args.admin_addr),
+            drain_timeout: args.drain_timeout,
+            access_log: !args.no_access_log,
+        },
     })
-    .context("starting the xDS client")?;
-
+    .await?;
     let signal = shutdown_signal().await?;
-    tracing::info!(
-        "received {signal}: draining for up to {:?}",
-        args.drain_timeout
-    );
-    handle.shutdown().await;
-    match Arc::try_unwrap(proxy) {
-        Ok(proxy) => {
-            let report = proxy.shutdown().await;
-            tracing::info!(?report, "drained");
-        }
-        Err(proxy) => {
-            // Not expected: the client task (the only other owner) has ended.
-            proxy.set_ready(false);
-            tracing::warn!("the proxy is still shared; exiting without a drain");
-        }
-    }
+    tracing::info!("received {signal}: stopping");
+    node.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
+/// What an xDS-fed proxy node is started with (`biplane proxy --control-plane`, and the
+/// node `biplane up` runs in-process).
+#[derive(Debug, Clone)]
+pub struct XdsNodeOptions {
+    /// Control-plane xDS addresses, tried in turn.
+    pub control_plane: Vec<String>,
+    /// The Gateway served (`node.cluster`).
+    pub gateway: String,
+    pub node_id: String,
+    /// Where the last-known-good config is kept.
+    pub state_dir: PathBuf,
+    pub protocol: XdsProtocol,
+    /// Wait this long for a first config before serving the last-known-good one.
+    pub initial_fetch_timeout: Duration,
+    pub proxy: ProxyOptions,
+}
+
+/// A running proxy fed by an xDS client: the proxy starts with no listeners and `/ready`
+/// answering 503; every complete config the client receives is applied (a failed apply is
+/// NACKed by the client) and `/ready` turns 200 with the first one.
+pub struct XdsNode {
+    proxy: Arc<Proxy>,
+    client: biplane_xds::client::ClientHandle,
+    drain_timeout: Duration,
+}
+
+impl XdsNode {
+    /// Binds the admin listener and starts the xDS client.
+    pub async fn start(opts: XdsNodeOptions) -> anyhow::Result<XdsNode> {
+        use biplane_xds::client::{self, ClientOptions, Protocol};
+        let drain_timeout = opts.proxy.drain_timeout;
+        let proxy = Arc::new(
+            Proxy::start_pending(opts.proxy)
+                .await
+                .context("starting the proxy")?,
+        );
+        if let Some(addr) = proxy.admin_addr() {
+            tracing::info!("admin listening on {addr}");
+        }
+        let mut client_opts = ClientOptions::new(
+            opts.control_plane.clone(),
+            opts.node_id.clone(),
+            opts.gateway.clone(),
+        );
+        client_opts.protocol = match opts.protocol {
+            XdsProtocol::Delta => Protocol::Delta,
+            XdsProtocol::Sotw => Protocol::Sotw,
+        };
+        client_opts.state_dir = Some(opts.state_dir.clone());
+        client_opts.initial_fetch_timeout = Some(opts.initial_fetch_timeout);
+        tracing::info!(node = %opts.node_id, gateway = %opts.gateway, control_plane = ?opts.control_plane,
+            state_dir = %opts.state_dir.display(), "starting in xDS mode (not ready until a config is applied)");
+        let target = proxy.clone();
+        let client = client::spawn(client_opts, move |config| {
+            let proxy = target.clone();
+            async move {
+                proxy.apply(config).await.map_err(|e| e.to_string())?;
+                proxy.set_ready(true);
+                Ok(())
+            }
+        })
+        .context("starting the xDS client")?;
+        Ok(XdsNode {
+            proxy,
+            client,
+            drain_timeout,
+        })
+    }
+
+    /// The proxy (admin address, listener addresses, readiness).
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// What the xDS client is doing (connected, ACKed versions, last NACK, LKG).
+    pub fn client_status(&self) -> tokio::sync::watch::Receiver<biplane_xds::client::ClientStatus> {
+        self.client.status()
+    }
+
+    /// Stops the xDS client, then drains the proxy for up to its drain timeout.
+    pub async fn shutdown(self) {
+        let XdsNode {
+            proxy,
+            client,
+            drain_timeout,
+        } = self;
+        client.shutdown().await;
+        match Arc::try_unwrap(proxy) {
+            Ok(proxy) => {
+                tracing::info!("draining for up to {drain_timeout:?}");
+                let report = proxy.shutdown().await;
+                tracing::info!(?report, "drained");
+            }
+            Err(proxy) => {
+                // Not expected: the client task (the only other owner) has ended.
+                proxy.set_ready(false);
+                tracing::warn!("the proxy is still shared; exiting without a drain");
+            }
+        }
+    }
+}
+
 /// `<hostname>-<pid>`.
-fn default_node_id() -> String {
+pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_owned())
@@ -223,7 +290,7 @@ fn read_config(path: &PathBuf) -> anyhow::Result<String> {
 }
 
 /// Waits for SIGTERM or SIGINT and says which.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -4,7 +4,7 @@
 //! `GET /api/v1/status`.
 
 use biplane_api::{RefProblem, Resource, ResourceKey, ResourceKind, RouteRef};
-use biplane_xds::server::{FleetStatus, GatewayKey, NodeStatus, PUSH_ORDER};
+use biplane_xds::server::{FleetStatus, GatewayKey, NackStatus, NodeStatus, PUSH_ORDER};
 use serde_json::{Value, json};
 
 use crate::controller::{ControllerShared, World};
@@ -200,7 +200,8 @@ impl<'a> StatusContext<'a> {
     }
 
     /// `Programmed`: every connected node of these Gateways has ACKed a compilation of a
-    /// store revision `>= mod_revision`.
+    /// store revision `>= mod_revision`. When not, reason `Rejected` (with the message) if
+    /// a node that has not answered with an ACK last NACKed, else `Pending`.
     fn programmed(&self, gateways: &[GatewayKey], mod_revision: u64) -> Condition {
         for gk in gateways {
             if let Some(err) = self.shared.gateway(gk).and_then(|s| s.error) {
@@ -228,10 +229,28 @@ impl<'a> StatusContext<'a> {
                 ),
             );
         }
-        let pending = nodes
+        let pending: Vec<&&NodeStatus> = nodes
             .iter()
             .filter(|n| !self.shared.node_has_revision(n, mod_revision))
-            .count();
+            .collect();
+        // A pending node whose latest answer to some type is a NACK refused the config
+        // that carries this change: say so, with the node's own message.
+        if let Some((node, kind, nack)) = pending.iter().find_map(|n| current_nack(n)) {
+            return Condition::new(
+                "Programmed",
+                false,
+                "Rejected",
+                format!(
+                    "{} of {} connected node(s) have not ACKed revision {mod_revision}; node {} rejected {kind} version {}: {}",
+                    pending.len(),
+                    nodes.len(),
+                    node.node_id,
+                    nack.version,
+                    nack.message
+                ),
+            );
+        }
+        let pending = pending.len();
         if pending == 0 {
             Condition::new(
                 "Programmed",
@@ -254,6 +273,17 @@ impl<'a> StatusContext<'a> {
             )
         }
     }
+}
+
+/// The type and NACK of `node` whose last answer was a NACK (no ACK of that type since).
+fn current_nack(
+    node: &NodeStatus,
+) -> Option<(&NodeStatus, biplane_xds::ResourceKind, &NackStatus)> {
+    node.types.iter().find_map(|t| {
+        let nack = t.last_nack.as_ref()?;
+        let newer = t.acked_at.is_none_or(|acked| nack.at >= acked);
+        newer.then_some((node, t.kind, nack))
+    })
 }
 
 fn join(problems: &[&RefProblem]) -> String {

@@ -130,9 +130,27 @@ impl Proc {
         Self::spawn_full(args, log, None)
     }
 
+    /// Spawns in the working directory `cwd` (with `BIPLANE_LOG=info`).
+    pub fn spawn_in(args: &[&str], cwd: &std::path::Path) -> Proc {
+        Self::spawn_inner(args, "info", None, Some(cwd))
+    }
+
     /// Spawns with this `BIPLANE_LOG` filter, writing `stdin` (then closing it) if given.
     pub fn spawn_full(args: &[&str], log: &str, stdin: Option<&[u8]>) -> Proc {
-        let mut child = Command::new(BIN)
+        Self::spawn_inner(args, log, stdin, None)
+    }
+
+    fn spawn_inner(
+        args: &[&str],
+        log: &str,
+        stdin: Option<&[u8]>,
+        cwd: Option<&std::path::Path>,
+    ) -> Proc {
+        let mut command = Command::new(BIN);
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .args(args)
             .env("BIPLANE_LOG", log)
             .stdin(if stdin.is_some() {
