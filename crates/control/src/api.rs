@@ -30,6 +30,8 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::auth::{AuthState, require_token};
+use crate::ca::{Ca, NodeIdentity};
 use crate::controller::{ControllerShared, decode, stopping};
 use crate::docs::{
     self, REGISTRY_PREFIX, generation_of, key_of, kind_from_path, kind_prefix, new_uid,
@@ -41,6 +43,7 @@ use crate::status::{StatusContext, fleet_status};
 use crate::store::{
     Compare, Event, KeyValue, Op, Precondition, RangeResponse, Store, StoreError, Txn,
 };
+use crate::tokens::{Role, TokenError, Tokens};
 
 /// How many times an apply or delete re-reads and retries after a concurrent write.
 const ATTEMPTS: usize = 5;
@@ -63,11 +66,22 @@ pub struct ApiState {
     pub translate: TranslateOptions,
     /// Becomes true on shutdown (ends watch streams).
     pub shutdown: watch::Receiver<bool>,
+    /// Bootstrap and API tokens (`/api/v1/tokens`).
+    pub tokens: Tokens,
+    /// Whether every request (but `/healthz`) needs a bearer token ([`crate::auth`]).
+    pub auth: bool,
+    /// The CA that signs enrolled nodes' certificates (`/api/v1/enroll`).
+    pub ca: Arc<Ca>,
 }
 
 /// The admin API's routes.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
+    let auth = state.auth.then(|| {
+        Arc::new(AuthState {
+            tokens: state.tokens.clone(),
+        })
+    });
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/apply", post(apply))
@@ -75,13 +89,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/diff", post(diff))
         .route("/api/v1/watch", get(watch_handler))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/enroll", post(enroll))
         .route("/api/v1/{kind}", get(list))
         .route(
             "/api/v1/{kind}/{namespace}/{name}",
             get(get_one).put(put_one).delete(delete_one),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .with_state(state);
+    match auth {
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, require_token)),
+        None => router,
+    }
 }
 
 // ------------------------------------------------------------------ errors
@@ -91,6 +111,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
 pub struct ApiError {
     status: StatusCode,
     body: Value,
+    /// Adds `WWW-Authenticate: Bearer` (401 answers).
+    challenge: bool,
 }
 
 impl ApiError {
@@ -98,6 +120,7 @@ impl ApiError {
         ApiError {
             status,
             body: json!({"error": code, "message": message.into()}),
+            challenge: false,
         }
     }
 
@@ -165,7 +188,16 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        if self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(
+                    "Bearer realm=\"biplane\", error=\"invalid_token\"",
+                ),
+            );
+        }
+        resp
     }
 }
 
@@ -1032,4 +1064,183 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+// ------------------------------------------------------------------ tokens
+
+/// The body of `POST /api/v1/tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    kind: String,
+    gateway: Option<String>,
+    role: Option<String>,
+    name: Option<String>,
+    ttl: Option<String>,
+    uses: Option<u32>,
+}
+
+/// Default lifetime of a bootstrap token.
+const BOOTSTRAP_TTL: Duration = Duration::from_secs(3600);
+
+fn token_error(e: TokenError) -> ApiError {
+    match e {
+        TokenError::Store(e) => e.into(),
+        TokenError::Random | TokenError::File(_) => {
+            tracing::error!(error = %e, "cannot mint a token");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
+        e => ApiError::bad_request(e.to_string()),
+    }
+}
+
+/// `POST /api/v1/tokens`: mints a bootstrap or API token; the only time it is shown.
+async fn create_token(State(state): State<Arc<ApiState>>, body: Bytes) -> ApiResult {
+    let req: TokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid token request: {e}")))?;
+    let ttl = req
+        .ttl
+        .as_deref()
+        .map(|t| {
+            biplane_api::parse_duration(t).map_err(|e| ApiError::bad_request(format!("ttl: {e}")))
+        })
+        .transpose()?;
+    match req.kind.as_str() {
+        "bootstrap" => {
+            if req.role.is_some() || req.name.is_some() {
+                return Err(ApiError::bad_request(
+                    "a bootstrap token takes gateway, ttl and uses (not role or name)",
+                ));
+            }
+            let gateway = req
+                .gateway
+                .ok_or_else(|| ApiError::bad_request("a bootstrap token needs a gateway"))?;
+            let ttl = ttl.unwrap_or(BOOTSTRAP_TTL);
+            let uses = req.uses.unwrap_or(1);
+            let token = state
+                .tokens
+                .mint_bootstrap(&gateway, ttl, uses)
+                .await
+                .map_err(token_error)?;
+            let gateway = crate::tokens::normalize_gateway(&gateway).map_err(token_error)?;
+            tracing::info!(%gateway, uses, ttl_secs = ttl.as_secs(), "bootstrap token minted");
+            ok(json!({
+                "token": token,
+                "kind": "bootstrap",
+                "gateway": gateway,
+                "usesLeft": uses,
+                "expiresAt": rfc3339(SystemTime::now() + ttl),
+            }))
+        }
+        "api" => {
+            if req.gateway.is_some() || req.uses.is_some() {
+                return Err(ApiError::bad_request(
+                    "an api token takes role, name and ttl (not gateway or uses)",
+                ));
+            }
+            let role_text = req
+                .role
+                .ok_or_else(|| ApiError::bad_request("an api token needs a role"))?;
+            let role = Role::parse(&role_text).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown role {role_text:?} (admin, editor or viewer)"
+                ))
+            })?;
+            let name = req
+                .name
+                .ok_or_else(|| ApiError::bad_request("an api token needs a name"))?;
+            let token = state
+                .tokens
+                .mint_api(role, &name, ttl)
+                .await
+                .map_err(token_error)?;
+            tracing::info!(token = %name, %role, "api token minted");
+            ok(json!({
+                "token": token,
+                "kind": "api",
+                "role": role,
+                "name": name,
+                "expiresAt": ttl.map(|t| rfc3339(SystemTime::now() + t)),
+            }))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "unknown token kind {other:?} (bootstrap or api)"
+        ))),
+    }
+}
+
+/// `GET /api/v1/tokens`: metadata of every token (never the tokens).
+async fn list_tokens(State(state): State<Arc<ApiState>>) -> ApiResult {
+    let items = state.tokens.list().await.map_err(token_error)?;
+    ok(json!({"kind": "TokenList", "items": items}))
+}
+
+/// The body of `POST /api/v1/enroll`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EnrollRequest {
+    /// The node id the proxy will send as `node.id`.
+    node_id: String,
+    /// A PEM PKCS#10 CSR for the key pair the proxy generated.
+    csr: String,
+}
+
+/// `POST /api/v1/enroll` with `Authorization: Bearer <bootstrap token>`: spends one use
+/// of the token and returns a certificate for `spiffe://<td>/gateway/<ns>/<name>/node/<id>`
+/// (the Gateway comes from the token, never from the request) and the CA bundle.
+async fn enroll(
+    State(state): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let unauthorized = |message: String| {
+        let mut e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message);
+        e.challenge = true;
+        e
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| {
+            unauthorized("enrollment needs \"Authorization: Bearer <bootstrap token>\"".to_owned())
+        })?;
+    let req: EnrollRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid enrollment request: {e}")))?;
+    // Validate everything before a token use is spent.
+    NodeIdentity::new(state.ca.trust_domain(), "default", "x", &req.node_id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    state
+        .ca
+        .check_csr(&req.csr)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let grant = match state.tokens.consume_bootstrap(token).await {
+        Ok(g) => g,
+        Err(TokenError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            tracing::info!(node = %req.node_id, reason = %e, "enrollment refused");
+            return Err(unauthorized(e.to_string()));
+        }
+    };
+    let (namespace, gateway) = grant
+        .gateway
+        .split_once('/')
+        .unwrap_or((biplane_api::DEFAULT_NAMESPACE, grant.gateway.as_str()));
+    let identity = NodeIdentity::new(state.ca.trust_domain(), namespace, gateway, &req.node_id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let issued = state.ca.sign_csr(&req.csr, &identity).map_err(|e| {
+        tracing::warn!(%identity, error = %e, "enrollment: signing failed");
+        ApiError::bad_request(e.to_string())
+    })?;
+    tracing::info!(%identity, uses_left = grant.uses_left, "node enrolled");
+    ok(json!({
+        "identity": identity.uri(),
+        "gateway": grant.gateway,
+        "nodeId": identity.node_id,
+        "certificate": issued.cert_pem,
+        "caCertificate": state.ca.cert_pem(),
+        "notAfter": rfc3339(issued.not_after),
+    }))
 }

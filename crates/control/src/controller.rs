@@ -129,10 +129,34 @@ pub struct GatewayState {
     pending: VecDeque<PendingChange>,
 }
 
+/// An ACK of a version the controller had not recorded yet: the cache publishes a
+/// snapshot before [`ControllerShared::record`] runs, so a fast node can ACK first. It is
+/// resolved into a lag when the record arrives.
+#[derive(Debug, Clone)]
+struct EarlyAck {
+    stream_id: u64,
+    index: usize,
+    version: String,
+    at: Instant,
+}
+
+/// Unresolved early ACKs kept per Gateway.
+const MAX_EARLY_ACKS: usize = 256;
+
 #[derive(Debug, Clone)]
 struct NodeLag {
     connected_at: Option<Instant>,
     lag_ms: [Option<u64>; 5],
+}
+
+impl NodeLag {
+    /// Records the lag of type `i`: from when its version was produced (or the node
+    /// connected, if later) to the ACK.
+    fn set_lag(&mut self, i: usize, produced: Instant, acked_at: Instant) {
+        let start = self.connected_at.map_or(produced, |c| c.max(produced));
+        let ms = acked_at.saturating_duration_since(start).as_millis();
+        self.lag_ms[i] = Some(u64::try_from(ms).unwrap_or(u64::MAX));
+    }
 }
 
 /// State shared by the controller task, the fleet tracker and the admin API.
@@ -141,6 +165,8 @@ pub struct ControllerShared {
     world: watch::Sender<Arc<World>>,
     gateways: Mutex<BTreeMap<GatewayKey, GatewayState>>,
     lags: Mutex<HashMap<u64, NodeLag>>,
+    /// Lock order: `gateways`, then `early_acks`, then (after both are released) `lags`.
+    early_acks: Mutex<HashMap<GatewayKey, VecDeque<EarlyAck>>>,
     fleet: FleetStatus,
     metrics: Arc<Metrics>,
 }
@@ -160,6 +186,7 @@ impl ControllerShared {
             world: watch::channel(Arc::new(World::default())).0,
             gateways: Mutex::new(BTreeMap::new()),
             lags: Mutex::new(HashMap::new()),
+            early_acks: Mutex::new(HashMap::new()),
             fleet,
             metrics,
         })
@@ -265,6 +292,33 @@ impl ControllerShared {
                 state.pending.pop_front();
             }
         }
+        let mut resolved = Vec::new();
+        if let Some(last) = state.records.back() {
+            let mut early = lock(&self.early_acks);
+            if let Some(q) = early.get_mut(key) {
+                q.retain(|a| {
+                    if last.versions[a.index] == a.version {
+                        resolved.push((a.clone(), last.produced_at[a.index]));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if q.is_empty() {
+                    early.remove(key);
+                }
+            }
+        }
+        drop(gateways);
+        if !resolved.is_empty() {
+            let mut lags = lock(&self.lags);
+            for (a, produced) in resolved {
+                // Only streams still connected (a disconnect removed the entry).
+                if let Some(entry) = lags.get_mut(&a.stream_id) {
+                    entry.set_lag(a.index, produced, a.at);
+                }
+            }
+        }
     }
 
     /// Records that `key`'s latest compilation also stands for store revision `revision`.
@@ -330,22 +384,38 @@ impl ControllerShared {
                 let Some(i) = type_index(ack.kind) else {
                     return;
                 };
-                let produced = lock(&self.gateways).get(&ack.gateway).and_then(|s| {
-                    s.records
-                        .iter()
-                        .rev()
-                        .find(|r| r.versions[i] == ack.version)
-                        .map(|r| r.produced_at[i])
-                });
+                let produced = {
+                    let gateways = lock(&self.gateways);
+                    let found = gateways.get(&ack.gateway).and_then(|s| {
+                        s.records
+                            .iter()
+                            .rev()
+                            .find(|r| r.versions[i] == ack.version)
+                            .map(|r| r.produced_at[i])
+                    });
+                    if found.is_none() {
+                        // Not recorded yet: resolved by `record` (under the same lock).
+                        let mut early = lock(&self.early_acks);
+                        let q = early.entry(ack.gateway.clone()).or_default();
+                        q.push_back(EarlyAck {
+                            stream_id: ack.stream_id,
+                            index: i,
+                            version: ack.version.clone(),
+                            at: ack.at,
+                        });
+                        if q.len() > MAX_EARLY_ACKS {
+                            q.pop_front();
+                        }
+                    }
+                    found
+                };
                 if let Some(produced) = produced {
                     let mut lags = lock(&self.lags);
                     let entry = lags.entry(ack.stream_id).or_insert(NodeLag {
                         connected_at: None,
                         lag_ms: [None; 5],
                     });
-                    let start = entry.connected_at.map_or(produced, |c| c.max(produced));
-                    let ms = ack.at.saturating_duration_since(start).as_millis();
-                    entry.lag_ms[i] = Some(u64::try_from(ms).unwrap_or(u64::MAX));
+                    entry.set_lag(i, produced, ack.at);
                 }
                 self.check_converged(&ack.gateway, ack.at);
             }
@@ -354,6 +424,9 @@ impl ControllerShared {
                 stream_id, gateway, ..
             } => {
                 lock(&self.lags).remove(&stream_id);
+                if let Some(q) = lock(&self.early_acks).get_mut(&gateway) {
+                    q.retain(|a| a.stream_id != stream_id);
+                }
                 self.check_converged(&gateway, Instant::now());
             }
         }
@@ -470,7 +543,10 @@ impl Controller {
         self.dirty_all = true;
         self.publish();
         self.compile(Instant::now()).await;
-        let mut watch = match self.store.watch(REGISTRY_PREFIX, listed.revision + 1).await {
+        // Every key is watched, not only `/registry/`: writes elsewhere (tokens) bump the
+        // store revision too, and readers wait for the controller to reach the revision
+        // they read. Non-resource keys are ignored by `put`/`handle`.
+        let mut watch = match self.store.watch("", listed.revision + 1).await {
             Ok(w) => w,
             Err(StoreError::Closed) => return Step::Stop,
             Err(e) => {

@@ -4,14 +4,14 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use biplane_xds::TranslateOptions;
-use biplane_xds::server::{AdsServer, FleetStatus, ServerSettings, SnapshotCache};
+use biplane_xds::server::{AdsOptions, AdsServer, FleetStatus, ServerSettings, SnapshotCache};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -23,9 +23,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Status, Streaming};
 
 use crate::api::{ApiState, router};
+use crate::auth::xds_node_authorizer;
+use crate::ca::{Ca, CaError, CaSource, CertAndKey, DEFAULT_NODE_CERT_TTL, DEFAULT_TRUST_DOMAIN};
 use crate::controller::{Controller, ControllerOptions, ControllerShared, track_fleet};
 use crate::metrics::Metrics;
 use crate::store::{DEFAULT_DATA_DIR, RedbStore, Store, StoreError, StoreOptions};
+use crate::tls::{TlsError, TlsListener, server_config as tls_server_config};
+use crate::tokens::{ADMIN_TOKEN_FILE, TokenError, Tokens};
 
 /// Default admin API address.
 pub const DEFAULT_API_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
@@ -49,6 +53,27 @@ pub struct ControlOptions {
     pub bind_ip: IpAddr,
     /// gRPC settings of the xDS listener.
     pub xds_settings: ServerSettings,
+    /// Whether the admin API requires bearer tokens with roles. Off by default until
+    /// the CLI sends tokens; without it a warning is logged at start.
+    pub auth: bool,
+    /// The CA certificate to use instead of `<data-dir>/ca/ca.crt` (`--ca-cert`; needs
+    /// `ca_key`).
+    pub ca_cert: Option<PathBuf>,
+    /// The CA private key (PKCS#8 PEM) going with `ca_cert` (`--ca-key`).
+    pub ca_key: Option<PathBuf>,
+    /// The SPIFFE trust domain of node identities.
+    pub trust_domain: String,
+    /// DNS names and IP addresses in the control plane's server certificate.
+    pub server_names: Vec<String>,
+    /// Lifetime of node certificates (24 h; tests use seconds).
+    pub node_cert_ttl: Duration,
+    /// Whether the admin API serves HTTPS with the CA-issued server certificate (off by
+    /// default until the CLI verifies it).
+    pub api_tls: bool,
+    /// Whether the xDS server serves TLS only, requires a client certificate from the CA
+    /// and refuses nodes that claim another identity than their certificate's (off by
+    /// default until the proxy enrolls).
+    pub xds_mtls: bool,
 }
 
 impl Default for ControlOptions {
@@ -60,6 +85,14 @@ impl Default for ControlOptions {
             debounce: Duration::from_millis(100),
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             xds_settings: ServerSettings::default(),
+            auth: false,
+            ca_cert: None,
+            ca_key: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            server_names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            node_cert_ttl: DEFAULT_NODE_CERT_TTL,
+            api_tls: false,
+            xds_mtls: false,
         }
     }
 }
@@ -90,6 +123,15 @@ pub enum ControlError {
     /// A startup task panicked.
     #[error("startup failed: {0}")]
     Startup(String),
+    /// The CA could not be loaded or created, or the server certificate issued.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    /// The initial admin token could not be minted or written.
+    #[error("initial admin token: {0}")]
+    Tokens(#[from] TokenError),
+    /// A TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A running control plane.
@@ -101,6 +143,10 @@ pub struct ControlHandle {
     fleet: FleetStatus,
     cache: SnapshotCache,
     metrics: Arc<Metrics>,
+    ca: Arc<Ca>,
+    server_cert: CertAndKey,
+    tokens: Tokens,
+    admin_token_file: PathBuf,
 }
 
 impl std::fmt::Debug for ControlHandle {
@@ -136,6 +182,26 @@ impl ControlHandle {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The certificate authority.
+    pub fn ca(&self) -> &Arc<Ca> {
+        &self.ca
+    }
+
+    /// The control plane's server certificate (chain and key), issued by the CA at start.
+    pub fn server_cert(&self) -> &CertAndKey {
+        &self.server_cert
+    }
+
+    /// Token minting and lookup.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Where the initial admin token is (written on first start).
+    pub fn admin_token_file(&self) -> &Path {
+        &self.admin_token_file
     }
 
     /// Resolves with the task's name when a server task has ended by itself (a fatal
@@ -180,6 +246,24 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         path: options.data_dir.clone(),
         source,
     })?);
+    let ca = Arc::new(open_ca(&options)?);
+    let server_cert = ca.issue_server_cert(&options.server_names)?;
+    let tokens = Tokens::new(store.clone());
+    let admin_token_file = options.data_dir.join(ADMIN_TOKEN_FILE);
+    if let Some(path) = tokens.ensure_initial_admin(&options.data_dir).await? {
+        tracing::info!(file = %path.display(), "wrote the initial admin token (mode 0600)");
+    }
+    let api_tls = if options.api_tls {
+        Some(tls_server_config(&server_cert)?)
+    } else {
+        tracing::warn!("admin API serves plaintext HTTP");
+        None
+    };
+    if !options.auth {
+        tracing::warn!(
+            "admin API is unauthenticated: anyone who can reach it can change the configuration"
+        );
+    }
     let api_listener = tokio::net::TcpListener::bind(options.api_addr)
         .await
         .map_err(|source| ControlError::Bind {
@@ -233,14 +317,32 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         tokio::spawn(controller.run(shutdown_rx.clone())),
     ));
 
+    let ads_options = AdsOptions {
+        authorizer: options
+            .xds_mtls
+            .then(|| xds_node_authorizer(ca.trust_domain().to_owned())),
+        ..AdsOptions::default()
+    };
     let ads = StoppableAds {
-        inner: AdsServer::new(cache.clone(), fleet.clone()),
+        inner: AdsServer::with_options(cache.clone(), fleet.clone(), ads_options),
         shutdown: shutdown_rx.clone(),
     };
     let service = AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(64 << 20);
-    let xds_server = options
-        .xds_settings
-        .builder()
+    let mut xds_builder = options.xds_settings.builder();
+    if options.xds_mtls {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &server_cert.cert_pem,
+                &server_cert.key_pem,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()));
+        xds_builder = xds_builder
+            .tls_config(tls)
+            .map_err(|e| TlsError(format!("xDS server: {e}")))?;
+    } else {
+        tracing::warn!("xDS server is plaintext and serves any node that connects");
+    }
+    let xds_server = xds_builder
         .add_service(service)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(xds_listener),
@@ -262,11 +364,28 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         metrics: metrics.clone(),
         translate,
         shutdown: shutdown_rx.clone(),
+        tokens: tokens.clone(),
+        auth: options.auth,
+        ca: ca.clone(),
     });
     let app = router(state);
     let api_shutdown = stopped(shutdown_rx.clone());
-    tasks.push((
-        "admin API",
+    let api_task = if let Some(config) = api_tls {
+        let listener =
+            TlsListener::new(api_listener, config).map_err(|source| ControlError::Bind {
+                what: "admin API",
+                addr: api_addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(api_shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        })
+    } else {
         tokio::spawn(async move {
             if let Err(e) = axum::serve(api_listener, app)
                 .with_graceful_shutdown(api_shutdown)
@@ -274,9 +393,10 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
             {
                 tracing::error!(error = %e, "admin API failed");
             }
-        }),
-    ));
-    tracing::info!(%api_addr, %xds_addr, data_dir = %options.data_dir.display(), "control plane started");
+        })
+    };
+    tasks.push(("admin API", api_task));
+    tracing::info!(%api_addr, %xds_addr, api_tls = options.api_tls, xds_mtls = options.xds_mtls, auth = options.auth, data_dir = %options.data_dir.display(), "control plane started");
     Ok(ControlHandle {
         api_addr,
         xds_addr,
@@ -285,7 +405,32 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         fleet,
         cache,
         metrics,
+        ca,
+        server_cert,
+        tokens,
+        admin_token_file,
     })
+}
+
+/// Loads or creates the CA per the options.
+fn open_ca(options: &ControlOptions) -> Result<Ca, ControlError> {
+    let source = match (&options.ca_cert, &options.ca_key) {
+        (Some(cert), Some(key)) => CaSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (None, None) => CaSource::DataDir(options.data_dir.clone()),
+        _ => {
+            return Err(ControlError::Ca(CaError::InvalidCa(
+                "--ca-cert and --ca-key go together".to_owned(),
+            )));
+        }
+    };
+    Ok(Ca::open(
+        &source,
+        &options.trust_domain,
+        options.node_cert_ttl,
+    )?)
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

@@ -57,10 +57,12 @@ async fn only_touched_gateways_recompile_and_none_is_missed() {
         (clusters(&cp, "gw") == ["backend/default/a"]).then_some(())
     })
     .await;
+    // The cache is set before the compile is counted: wait for both counts too.
     eventually("gw2 compiled", || async {
         cp.handle
             .cache()
             .get(&GatewayKey::new("default", "gw2".to_owned()))
+            .filter(|_| cp.handle.metrics().compiles.get() >= 2)
             .map(|_| ())
     })
     .await;

@@ -2,13 +2,16 @@
 //! transport, Envoy `FilterChainMatch` semantics), TLS termination or passthrough, handing
 //! the connection to the HTTP or TCP handler, and connection tracking for graceful drain.
 //!
-//! Phases of one connection: accept (TCP_NODELAY, keepalive) → inspect (peek the
-//! ClientHello, only if some chain matches on SNI or transport) → select chain (no match:
-//! close) → TLS handshake if the chain terminates → handler (`http::serve_connection` or
-//! `tcp::proxy`) until the connection ends, drains, or is aborted at the drain deadline.
+//! Phases of one connection: accept (TCP_NODELAY, keepalive; on Linux inherited from the
+//! listening socket) → inspect (peek the ClientHello, only if some chain matches on SNI or
+//! transport) → select chain (no match: close) → TLS handshake if the chain terminates →
+//! handler (`http::serve_connection` or `tcp::proxy`) until the connection ends, drains, or
+//! is aborted at the drain deadline. Connection tasks are detached: a counter and their
+//! abort handles serve the drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -17,8 +20,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{Notify, watch};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
 use crate::http::HttpState;
@@ -281,26 +284,31 @@ pub fn spawn(
                 return DrainReport::default();
             }
         };
+        configure_listening(&listener);
         let (drain_tx, drain_rx) = watch::channel(false);
-        let mut conns = JoinSet::new();
+        let tracker = Arc::new(ConnTracker::default());
+        let mut handles = AbortHandles::default();
         let mut accept_errors = 0u32;
         loop {
             tokio::select! {
                 biased;
                 () = stopped(&mut stop) => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         accept_errors = 0;
                         let table = table.load_full();
                         table.conns_total.inc();
-                        let guard = ActiveGuard::new(table.conns_active.clone());
+                        let guard = ConnGuard::new(&tracker, table.conns_active.clone());
                         let shared = shared.clone();
                         let drain = drain_rx.clone();
-                        conns.spawn(async move {
+                        // Boxed: the connection future is kilobytes (hyper's connection
+                        // state lives in it); the task cell then holds a pointer, so spawning
+                        // and completing the task do not copy it around.
+                        let task = tokio::spawn(Box::pin(async move {
                             let _guard = guard;
                             handle(stream, peer, local, table, shared, drain).await;
-                        });
+                        }));
+                        handles.push(task.abort_handle());
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.
@@ -316,7 +324,7 @@ pub fn spawn(
         let name = table.load().name.clone();
         drop(listener);
         let _ = drain_tx.send(true);
-        let report = drain(&mut conns, shared.options.drain_timeout).await;
+        let report = drain(&tracker, handles, shared.options.drain_timeout).await;
         tracing::info!(
             listener = %name,
             address = %local,
@@ -328,43 +336,131 @@ pub fn spawn(
     })
 }
 
+/// Linux copies TCP_NODELAY and the keepalive settings of a listening socket to the
+/// sockets it accepts: set once on the listener, they cost no syscall per connection.
+const SOCKET_OPTIONS_INHERITED: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+/// TCP_NODELAY and keepalive probes for downstream connections.
+fn configure_socket(socket: socket2::SockRef<'_>) {
+    let _ = socket.set_tcp_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+}
+
+/// Sets the downstream socket options on the listening socket, for its accepted sockets
+/// to inherit (see [`SOCKET_OPTIONS_INHERITED`]).
+fn configure_listening(listener: &TcpListener) {
+    if SOCKET_OPTIONS_INHERITED {
+        configure_socket(socket2::SockRef::from(listener));
+    }
+}
+
 /// Resolves when `stop` turns true or its sender is gone.
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Waits for the tracked connections to end, up to `timeout`, then aborts the rest.
-async fn drain(conns: &mut JoinSet<()>, timeout: Duration) -> DrainReport {
-    let mut report = DrainReport::default();
+/// Waits for the tracked connections to end, up to `timeout`, then aborts the rest and
+/// waits until the aborted tasks are gone.
+async fn drain(tracker: &ConnTracker, handles: AbortHandles, timeout: Duration) -> DrainReport {
+    let at_start = tracker.active();
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = conns.join_next() => match next {
-                Some(_) => report.drained += 1,
-                None => break,
-            },
-            () = &mut deadline => break,
+    let timed_out = tokio::select! {
+        () = tracker.idle() => false,
+        () = &mut deadline => true,
+    };
+    let aborted = if timed_out { tracker.active() } else { 0 };
+    if aborted > 0 {
+        for h in handles.0 {
+            h.abort();
+        }
+        tracker.idle().await;
+    }
+    DrainReport {
+        drained: at_start.saturating_sub(aborted),
+        aborted,
+    }
+}
+
+/// Open connections of one listener: a count and a wake-up when it reaches zero. The
+/// connection tasks are detached; nothing polls for their completion while serving.
+#[derive(Default)]
+struct ConnTracker {
+    active: AtomicUsize,
+    zero: Notify,
+}
+
+impl ConnTracker {
+    fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    async fn idle(&self) {
+        loop {
+            // Registered before the check, so a decrement to zero in between still wakes.
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
-    report.aborted = conns.len();
-    conns.shutdown().await;
-    report
 }
 
-/// Keeps `downstream_connections_active` right even when a connection task is aborted.
-struct ActiveGuard(Gauge);
+/// One open connection: keeps the tracker's count and `downstream_connections_active`
+/// right, also when the connection task is aborted.
+struct ConnGuard {
+    tracker: Arc<ConnTracker>,
+    gauge: Gauge,
+}
 
-impl ActiveGuard {
-    fn new(gauge: Gauge) -> Self {
+impl ConnGuard {
+    fn new(tracker: &Arc<ConnTracker>, gauge: Gauge) -> Self {
+        tracker.active.fetch_add(1, Ordering::AcqRel);
         gauge.inc();
-        Self(gauge)
+        Self {
+            tracker: tracker.clone(),
+            gauge,
+        }
     }
 }
 
-impl Drop for ActiveGuard {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        if self.tracker.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.zero.notify_waiters();
+        }
+    }
+}
+
+/// Abort handles of the connection tasks, for the drain deadline. Handles of finished
+/// tasks are pruned when the list has doubled since the last pruning (amortised O(1) per
+/// connection; a finished task's handle only pins its small task cell meanwhile).
+struct AbortHandles(Vec<AbortHandle>, usize);
+
+impl Default for AbortHandles {
+    fn default() -> Self {
+        Self(Vec::new(), Self::MIN_PRUNE)
+    }
+}
+
+impl AbortHandles {
+    const MIN_PRUNE: usize = 64;
+
+    fn push(&mut self, h: AbortHandle) {
+        self.0.push(h);
+        if self.0.len() >= self.1 {
+            self.0.retain(|h| !h.is_finished());
+            self.1 = (self.0.len() * 2).max(Self::MIN_PRUNE);
+        }
     }
 }
 
@@ -380,12 +476,9 @@ async fn handle(
     shared: Arc<Shared>,
     drain: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_TIME)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    if !SOCKET_OPTIONS_INHERITED {
+        configure_socket(socket2::SockRef::from(&stream));
+    }
 
     let hello = if table.inspect {
         match tokio::time::timeout(INSPECT_TIMEOUT, inspect(&stream)).await {
@@ -666,6 +759,97 @@ mod tests {
         let mut all = vec![0u8; wire.len()];
         server.read_exact(&mut all).await.unwrap();
         assert_eq!(all, wire);
+    }
+
+    #[tokio::test]
+    async fn tracker_counts_connections_and_prunes_finished_handles() {
+        let tracker = Arc::new(ConnTracker::default());
+        let gauge = Gauge::default();
+        let mut handles = AbortHandles::default();
+        let (release, wait) = watch::channel(false);
+        for _ in 0..AbortHandles::MIN_PRUNE * 3 {
+            let guard = ConnGuard::new(&tracker, gauge.clone());
+            let mut wait = wait.clone();
+            let task = tokio::spawn(Box::pin(async move {
+                let _guard = guard;
+                stopped(&mut wait).await;
+            }));
+            handles.push(task.abort_handle());
+        }
+        let open = AbortHandles::MIN_PRUNE * 3;
+        assert_eq!((tracker.active(), gauge.get()), (open, open as i64));
+        release.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), tracker.idle())
+            .await
+            .unwrap();
+        assert_eq!(gauge.get(), 0);
+        // Finished tasks' handles go at the next pruning.
+        while handles.0.len() >= AbortHandles::MIN_PRUNE - 1 {
+            let task = tokio::spawn(async {});
+            handles.push(task.abort_handle());
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            handles.0.len() < AbortHandles::MIN_PRUNE,
+            "{}",
+            handles.0.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_reports_finished_and_aborts_the_rest() {
+        let tracker = Arc::new(ConnTracker::default());
+        let mut handles = AbortHandles::default();
+        let (finish, wait) = watch::channel(false);
+        // One connection ends during the drain, one never does.
+        for ends in [true, false] {
+            let guard = ConnGuard::new(&tracker, Gauge::default());
+            let mut wait = wait.clone();
+            let task = tokio::spawn(async move {
+                let _guard = guard;
+                if ends {
+                    stopped(&mut wait).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            });
+            handles.push(task.abort_handle());
+        }
+        let drain =
+            tokio::spawn(async move { drain(&tracker, handles, Duration::from_millis(300)).await });
+        // Let the drain start (current-thread runtime: the spawned tasks run first).
+        tokio::task::yield_now().await;
+        finish.send(true).unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            report,
+            DrainReport {
+                drained: 1,
+                aborted: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        configure_listening(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        if !SOCKET_OPTIONS_INHERITED {
+            configure_socket(socket2::SockRef::from(&server));
+        }
+        let sock = socket2::SockRef::from(&server);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
     }
 
     #[tokio::test]

@@ -57,6 +57,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ResourceKind;
 
+pub use self::stream::PeerCerts;
 pub use cache::{CacheError, CachedResource, SetOutcome, Snapshot, SnapshotCache, TypeSnapshot};
 pub use status::{
     AckEvent, AdsMetrics, FleetEvent, FleetStatus, NackStatus, NodeStatus, Protocol, TypeCounters,
@@ -153,19 +154,51 @@ impl std::fmt::Display for GatewayKey {
     }
 }
 
+/// Decides whether a stream's node may be served, given the client certificate chain
+/// the TLS layer verified (`None` on plaintext). Called once per stream with the node of
+/// its first request; an `Err` ends the stream with that status (e.g.
+/// `PERMISSION_DENIED` when the node claims another identity than its certificate's).
+pub type NodeAuthorizer = Arc<
+    dyn Fn(&Node, Option<&[rustls_pki_types::CertificateDer<'static>]>) -> Result<(), Status>
+        + Send
+        + Sync,
+>;
+
 /// Options of the ADS service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdsOptions {
     /// Sent as `control_plane.identifier` in every response (shown in Envoy's config
     /// dump).
     pub control_plane_id: String,
+    /// Checks each stream's node against its peer certificate (none: every node served).
+    pub authorizer: Option<NodeAuthorizer>,
+}
+
+impl std::fmt::Debug for AdsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsOptions")
+            .field("control_plane_id", &self.control_plane_id)
+            .field("authorizer", &self.authorizer.is_some())
+            .finish()
+    }
 }
 
 impl Default for AdsOptions {
     fn default() -> Self {
         AdsOptions {
             control_plane_id: "biplane".to_owned(),
+            authorizer: None,
         }
+    }
+}
+
+/// The optional authorizer, debug-printable.
+#[derive(Clone, Default)]
+pub(crate) struct AuthorizerSlot(pub(crate) Option<NodeAuthorizer>);
+
+impl std::fmt::Debug for AuthorizerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
     }
 }
 
@@ -180,6 +213,7 @@ pub(crate) struct Shared {
     pub(crate) cache: SnapshotCache,
     pub(crate) fleet: FleetStatus,
     pub(crate) control_plane: ControlPlane,
+    pub(crate) authorizer: AuthorizerSlot,
 }
 
 impl AdsServer {
@@ -195,6 +229,7 @@ impl AdsServer {
                 control_plane: ControlPlane {
                     identifier: opts.control_plane_id,
                 },
+                authorizer: AuthorizerSlot(opts.authorizer),
             }),
         }
     }
@@ -229,9 +264,11 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let shared = self.inner.clone();
+        let peer = request.peer_certs();
         tokio::spawn(stream::run::<sotw::SotwState>(
             shared,
             request.into_inner(),
+            peer,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -243,9 +280,11 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let shared = self.inner.clone();
+        let peer = request.peer_certs();
         tokio::spawn(stream::run::<delta::DeltaState>(
             shared,
             request.into_inner(),
+            peer,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -36,13 +36,17 @@ pub(crate) trait ProtocolState: Default + Send {
 
 pub(crate) type Tx<S> = mpsc::Sender<Result<<S as ProtocolState>::Response, Status>>;
 
+/// The client certificate chain of a stream's connection (TLS with client auth only).
+pub type PeerCerts = Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>>;
+
 pub(crate) async fn run<S: ProtocolState>(
     shared: Arc<Shared>,
     mut inbound: Streaming<S::Request>,
+    peer: PeerCerts,
     tx: Tx<S>,
 ) {
     let _count = StreamCounter::new(&shared.fleet);
-    if let Err(status) = serve::<S>(&shared, &mut inbound, &tx).await {
+    if let Err(status) = serve::<S>(&shared, &mut inbound, peer, &tx).await {
         tracing::warn!(
             protocol = ?S::PROTOCOL,
             code = ?status.code(),
@@ -61,12 +65,16 @@ pub(crate) async fn run<S: ProtocolState>(
 async fn serve<S: ProtocolState>(
     shared: &Shared,
     inbound: &mut Streaming<S::Request>,
+    peer: PeerCerts,
     tx: &Tx<S>,
 ) -> Result<(), Status> {
     let first = match inbound.message().await {
         Ok(Some(r)) => r,
         Ok(None) | Err(_) => return Ok(()),
     };
+    if let (Some(authorize), Some(node)) = (&shared.authorizer.0, S::node(&first)) {
+        authorize(node, peer.as_deref().map(Vec::as_slice))?;
+    }
     let mut ctx = StreamCtx::start(shared, S::node(&first), S::PROTOCOL)?;
     let mut st = S::default();
     st.on_request(&mut ctx, first)?;
