@@ -27,6 +27,69 @@ pub struct ControlArgs {
     /// The address the nodes' listeners bind.
     #[arg(long, default_value = "0.0.0.0")]
     proxy_bind_ip: IpAddr,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// Trust flags shared by `biplane control` and `biplane up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityArgs {
+    /// Plaintext admin API without tokens AND plaintext xDS serving any node
+    /// (`--insecure-api --insecure-xds`). For trusted networks and experiments only.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Serve the admin API over plaintext HTTP and without bearer tokens.
+    #[arg(long)]
+    pub insecure_api: bool,
+    /// Serve xDS over plaintext gRPC to any node, with no identity checks.
+    #[arg(long)]
+    pub insecure_xds: bool,
+    /// Root CA certificate (PEM) to issue node and server certificates with, instead of
+    /// the one generated in `<data-dir>/ca/` on first start. Needs `--ca-key`.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PKCS#8 PEM) of `--ca-cert`.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// SPIFFE trust domain of node identities (`spiffe://<domain>/gateway/...`).
+    #[arg(long, value_name = "DOMAIN", default_value = biplane_control::ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// DNS names and IP addresses nodes and the CLI use to reach this control plane (in
+    /// its server certificate); repeat or comma-separate.
+    #[arg(long, value_name = "NAME", value_delimiter = ',', default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+    pub server_name: Vec<String>,
+    /// Lifetime of node certificates; nodes renew at half of it. Tests use seconds.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_debounce, hide = true)]
+    pub node_cert_ttl: Duration,
+}
+
+impl SecurityArgs {
+    /// Sets the trust fields of `options`, printing a warning for each insecure part.
+    pub fn apply(&self, options: ControlOptions) -> ControlOptions {
+        let insecure_api = self.insecure || self.insecure_api;
+        let insecure_xds = self.insecure || self.insecure_xds;
+        if insecure_api {
+            eprintln!(
+                "WARNING: --insecure-api: the admin API is plaintext HTTP and unauthenticated; anyone who can reach it can change the configuration"
+            );
+        }
+        if insecure_xds {
+            eprintln!(
+                "WARNING: --insecure-xds: xDS is plaintext and any client may claim to be any node and read its configuration, secrets included"
+            );
+        }
+        ControlOptions {
+            auth: !insecure_api,
+            api_tls: !insecure_api,
+            xds_mtls: !insecure_xds,
+            ca_cert: self.ca_cert.clone(),
+            ca_key: self.ca_key.clone(),
+            trust_domain: self.trust_domain.clone(),
+            server_names: self.server_name.clone(),
+            node_cert_ttl: self.node_cert_ttl,
+            ..options
+        }
+    }
 }
 
 fn parse_debounce(s: &str) -> Result<Duration, String> {
@@ -34,14 +97,14 @@ fn parse_debounce(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
-    let options = ControlOptions {
+    let options = args.security.apply(ControlOptions {
         api_addr: args.api_addr,
         xds_addr: args.xds_addr,
         data_dir: args.data_dir,
         debounce: args.debounce,
         bind_ip: args.proxy_bind_ip,
         ..ControlOptions::default()
-    };
+    });
     let mut handle = biplane_control::run(options)
         .await
         .context("cannot start the control plane")?;

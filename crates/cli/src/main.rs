@@ -45,6 +45,12 @@ enum Command {
     Status(client::status::StatusArgs),
     /// Run the control plane: embedded store, admin API and xDS (ADS) server.
     Control(control_cmd::ControlArgs),
+    /// Mint and list tokens (node bootstrap tokens, admin API tokens).
+    #[command(subcommand)]
+    Token(client::token::TokenCommand),
+    /// Revoke data-plane nodes.
+    #[command(subcommand)]
+    Node(client::token::NodeCommand),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +77,8 @@ fn main() -> ExitCode {
             Command::Delete(args) => Ok(client::delete::run(args).await),
             Command::Diff(args) => Ok(client::diff::run(args).await),
             Command::Status(args) => Ok(client::status::run(args).await),
+            Command::Token(cmd) => Ok(client::token::run(cmd).await),
+            Command::Node(cmd) => Ok(client::token::run_node(cmd).await),
         }
     });
     match result {

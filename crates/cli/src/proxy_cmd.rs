@@ -75,6 +75,10 @@ pub struct ProxyArgs {
     /// Do not write the JSON access log (one line per request) to stdout.
     #[arg(long)]
     pub no_access_log: bool,
+    /// xDS mode: plaintext gRPC to a control plane started with `--insecure-xds` (no
+    /// client certificate, the server is not verified). A warning is printed.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -173,7 +173,8 @@ async fn start(args: &UpArgs, running: &mut Running) -> anyhow::Result<()> {
         debounce: args.debounce,
         bind_ip: args.proxy_bind_ip,
         ..ControlOptions::default()
-    })
+    }
+    .insecure())
     .await
     .context("cannot start the control plane")?;
     let (api_addr, xds_addr) = (control.api_addr(), control.xds_addr());

@@ -30,6 +30,7 @@ impl Control {
         let data = dir.path().join("data");
         let proc = Proc::spawn(&[
             "control",
+            "--insecure",
             "--api-addr",
             "127.0.0.1:0",
             "--xds-addr",

@@ -41,6 +41,7 @@ impl Control {
         let xds_arg = xds.to_string();
         let proc = Proc::spawn(&[
             "control",
+            "--insecure",
             "--api-addr",
             "127.0.0.1:0",
             "--xds-addr",
@@ -134,6 +135,7 @@ impl Node {
         let xds = xds.to_string();
         let proc = Proc::spawn(&[
             "proxy",
+            "--insecure",
             "--control-plane",
             &xds,
             "--gateway",

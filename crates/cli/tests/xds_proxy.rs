@@ -148,6 +148,7 @@ async fn start_xds_proxy(cp: SocketAddr, state_dir: &Path, extra: &[&str]) -> (P
     let cp = cp.to_string();
     let mut args = vec![
         "proxy",
+        "--insecure",
         "--control-plane",
         &cp,
         "--gateway",

@@ -23,7 +23,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use biplane_api::{Resource, ResourceKey, ResourceKind, ResourceSet, ValidationErrors};
-use biplane_xds::server::FleetStatus;
+use biplane_xds::server::{AdsServer, FleetStatus};
 use biplane_xds::{TranslateError, TranslateOptions, to_xds};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -32,6 +32,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::{AuthState, require_token};
 use crate::ca::{Ca, NodeIdentity};
+use crate::certs::{CertError, NodeCerts};
+use crate::nodes::Revocations;
 use crate::controller::{ControllerShared, decode, stopping};
 use crate::docs::{
     self, REGISTRY_PREFIX, generation_of, key_of, kind_from_path, kind_prefix, new_uid,
@@ -43,7 +45,7 @@ use crate::status::{StatusContext, fleet_status};
 use crate::store::{
     Compare, Event, KeyValue, Op, Precondition, RangeResponse, Store, StoreError, Txn,
 };
-use crate::tokens::{Role, TokenError, Tokens};
+use crate::tokens::{Principal, Role, TokenError, Tokens};
 
 /// How many times an apply or delete re-reads and retries after a concurrent write.
 const ATTEMPTS: usize = 5;
@@ -72,6 +74,12 @@ pub struct ApiState {
     pub auth: bool,
     /// The CA that signs enrolled nodes' certificates (`/api/v1/enroll`).
     pub ca: Arc<Ca>,
+    /// Enrollment and renewal.
+    pub certs: NodeCerts,
+    /// Revoked node ids (`/api/v1/nodes/{id}/revoke`, `/api/v1/revocations`).
+    pub revocations: Revocations,
+    /// The ADS server, to close a revoked node's streams.
+    pub ads: AdsServer,
 }
 
 /// The admin API's routes.
@@ -91,6 +99,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/enroll", post(enroll))
+        .route("/api/v1/nodes/{id}/revoke", post(revoke_node))
+        .route("/api/v1/revocations", get(list_revocations))
         .route("/api/v1/{kind}", get(list))
         .route(
             "/api/v1/{kind}/{namespace}/{name}",
@@ -1126,6 +1136,9 @@ async fn create_token(State(state): State<Arc<ApiState>>, body: Bytes) -> ApiRes
             tracing::info!(%gateway, uses, ttl_secs = ttl.as_secs(), "bootstrap token minted");
             ok(json!({
                 "token": token,
+                // What a node is given: the token and the CA pin it verifies us with.
+                "pinnedToken": format!("{token}.{}", state.ca.pin()),
+                "caPin": state.ca.pin(),
                 "kind": "bootstrap",
                 "gateway": gateway,
                 "usesLeft": uses,
@@ -1187,7 +1200,8 @@ struct EnrollRequest {
 
 /// `POST /api/v1/enroll` with `Authorization: Bearer <bootstrap token>`: spends one use
 /// of the token and returns a certificate for `spiffe://<td>/gateway/<ns>/<name>/node/<id>`
-/// (the Gateway comes from the token, never from the request) and the CA bundle.
+/// (the Gateway comes from the token, never from the request) and the CA bundle. The
+/// same as the `Enroll` RPC on the xDS port, for tooling that speaks only HTTP.
 async fn enroll(
     State(state): State<Arc<ApiState>>,
     headers: axum::http::HeaderMap,
@@ -1209,38 +1223,50 @@ async fn enroll(
         })?;
     let req: EnrollRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid enrollment request: {e}")))?;
-    // Validate everything before a token use is spent.
-    NodeIdentity::new(state.ca.trust_domain(), "default", "x", &req.node_id)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    state
-        .ca
-        .check_csr(&req.csr)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let grant = match state.tokens.consume_bootstrap(token).await {
-        Ok(g) => g,
-        Err(TokenError::Store(e)) => return Err(e.into()),
-        Err(e) => {
-            tracing::info!(node = %req.node_id, reason = %e, "enrollment refused");
-            return Err(unauthorized(e.to_string()));
-        }
-    };
-    let (namespace, gateway) = grant
-        .gateway
-        .split_once('/')
-        .unwrap_or((biplane_api::DEFAULT_NAMESPACE, grant.gateway.as_str()));
-    let identity = NodeIdentity::new(state.ca.trust_domain(), namespace, gateway, &req.node_id)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let issued = state.ca.sign_csr(&req.csr, &identity).map_err(|e| {
-        tracing::warn!(%identity, error = %e, "enrollment: signing failed");
-        ApiError::bad_request(e.to_string())
-    })?;
-    tracing::info!(%identity, uses_left = grant.uses_left, "node enrolled");
+    let issued = state
+        .certs
+        .enroll(strip_pin(token), &req.node_id, &req.csr)
+        .await
+        .map_err(|e| match e {
+            CertError::Unauthenticated(m) => unauthorized(m),
+            CertError::Denied(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
+            CertError::Invalid(m) => ApiError::bad_request(m),
+            CertError::Store(e) => e.into(),
+        })?;
     ok(json!({
-        "identity": identity.uri(),
-        "gateway": grant.gateway,
-        "nodeId": identity.node_id,
-        "certificate": issued.cert_pem,
-        "caCertificate": state.ca.cert_pem(),
-        "notAfter": rfc3339(issued.not_after),
+        "identity": issued.cert.identity.uri(),
+        "gateway": issued.gateway,
+        "nodeId": issued.cert.identity.node_id,
+        "certificate": issued.cert.cert_pem,
+        "caCertificate": issued.ca_pem,
+        "notAfter": rfc3339(issued.cert.not_after),
     }))
+}
+
+/// A bootstrap token as handed out (`<token>.<CA pin>`) without its pin.
+pub fn strip_pin(token: &str) -> &str {
+    token.rsplit_once('.').map_or(token, |(t, _)| t)
+}
+
+/// `POST /api/v1/nodes/{id}/revoke` (admin): the node's streams are closed now, and it
+/// can no longer connect, renew its certificate or enroll again under that id.
+async fn revoke_node(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    principal: Option<axum::Extension<Principal>>,
+) -> ApiResult {
+    NodeIdentity::new(state.ca.trust_domain(), "default", "x", &id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let by = principal.map_or_else(|| "anonymous".to_owned(), |p| p.0.name);
+    let (record, new) = state.revocations.revoke(&id, &by).await?;
+    state.ads.disconnect(&id);
+    if new {
+        tracing::warn!(node = %id, by = %by, "node revoked");
+    }
+    ok(json!({"kind": "Revocation", "nodeId": record.node_id, "revokedAt": record.revoked_at, "revokedBy": record.revoked_by, "new": new}))
+}
+
+/// `GET /api/v1/revocations`: the revoked node ids.
+async fn list_revocations(State(state): State<Arc<ApiState>>) -> ApiResult {
+    ok(json!({"kind": "RevocationList", "items": state.revocations.list()}))
 }

@@ -28,7 +28,10 @@ pub fn required_role(method: &Method, path: &str, query: Option<&str>) -> Option
     if path == "/healthz" || path == "/api/v1/enroll" {
         return None;
     }
-    if path == "/api/v1/tokens" || path.starts_with("/api/v1/tokens/") {
+    if path == "/api/v1/tokens"
+        || path.starts_with("/api/v1/tokens/")
+        || path.starts_with("/api/v1/nodes/")
+    {
         return Some(Role::Admin);
     }
     let reads = *method == Method::GET || *method == Method::HEAD;
@@ -155,7 +158,10 @@ pub fn principal_of(req_ext: &axum::http::Extensions) -> Option<&Principal> {
 /// verified against the CA by TLS) must carry a SPIFFE identity of `trust_domain`, and
 /// the node must claim exactly that identity (`node.id` = its node id, `node.cluster` =
 /// its Gateway). Anything else is refused and logged.
-pub fn xds_node_authorizer(trust_domain: String) -> biplane_xds::server::NodeAuthorizer {
+pub fn xds_node_authorizer(
+    trust_domain: String,
+    revocations: crate::nodes::Revocations,
+) -> biplane_xds::server::NodeAuthorizer {
     Arc::new(move |node, peer| {
         let Some(leaf) = peer.and_then(|chain| chain.first()) else {
             tracing::info!(node = %node.id, "xDS stream refused: no client certificate");
@@ -171,6 +177,13 @@ pub fn xds_node_authorizer(trust_domain: String) -> biplane_xds::server::NodeAut
             tracing::info!(node = %node.id, %identity, "xDS stream refused: foreign trust domain");
             return Err(tonic::Status::permission_denied(format!(
                 "certificate identity {identity} is not in trust domain {trust_domain}"
+            )));
+        }
+        if revocations.is_revoked(&identity.node_id) {
+            tracing::info!(node = %node.id, %identity, "xDS stream refused: node revoked");
+            return Err(tonic::Status::permission_denied(format!(
+                "node {:?} is revoked",
+                identity.node_id
             )));
         }
         let cluster = biplane_xds::server::GatewayKey::parse(&node.cluster);

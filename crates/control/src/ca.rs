@@ -309,6 +309,11 @@ pub(crate) fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CaEr
     write_file(path, contents, 0o600)
 }
 
+/// Writes a non-secret file atomically with mode 0644.
+pub(crate) fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    write_file(path, contents, 0o644)
+}
+
 impl Ca {
     /// Loads or creates the CA (see [`CaSource`]).
     pub fn open(
@@ -451,6 +456,15 @@ impl Ca {
     /// The CA certificate's file.
     pub fn cert_path(&self) -> Option<&Path> {
         self.cert_path.as_deref()
+    }
+
+    /// The CA certificate's pin: unpadded base64url of the SHA-256 of its DER. A
+    /// bootstrap token is handed out as `<token>.<pin>` so a node can verify the control
+    /// plane on its first contact without a CA file.
+    pub fn pin(&self) -> String {
+        use base64::Engine;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.cert_der);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
     }
 
     /// The lifetime of node certificates.

@@ -7,9 +7,11 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod certs;
 pub mod controller;
 pub mod docs;
 pub mod metrics;
+pub mod nodes;
 pub mod server;
 pub mod status;
 pub mod store;

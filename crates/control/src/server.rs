@@ -24,6 +24,8 @@ use tonic::{Request, Status, Streaming};
 
 use crate::api::{ApiState, router};
 use crate::auth::xds_node_authorizer;
+use crate::certs::NodeCerts;
+use crate::nodes::Revocations;
 use crate::ca::{Ca, CaError, CaSource, CertAndKey, DEFAULT_NODE_CERT_TTL, DEFAULT_TRUST_DOMAIN};
 use crate::controller::{Controller, ControllerOptions, ControllerShared, track_fleet};
 use crate::metrics::Metrics;
@@ -53,8 +55,8 @@ pub struct ControlOptions {
     pub bind_ip: IpAddr,
     /// gRPC settings of the xDS listener.
     pub xds_settings: ServerSettings,
-    /// Whether the admin API requires bearer tokens with roles. Off by default until
-    /// the CLI sends tokens; without it a warning is logged at start.
+    /// Whether the admin API requires bearer tokens with roles (default on; off only with
+    /// `--insecure-api`, and a warning is printed at start).
     pub auth: bool,
     /// The CA certificate to use instead of `<data-dir>/ca/ca.crt` (`--ca-cert`; needs
     /// `ca_key`).
@@ -67,12 +69,12 @@ pub struct ControlOptions {
     pub server_names: Vec<String>,
     /// Lifetime of node certificates (24 h; tests use seconds).
     pub node_cert_ttl: Duration,
-    /// Whether the admin API serves HTTPS with the CA-issued server certificate (off by
-    /// default until the CLI verifies it).
+    /// Whether the admin API serves HTTPS with the CA-issued server certificate (default
+    /// on).
     pub api_tls: bool,
     /// Whether the xDS server serves TLS only, requires a client certificate from the CA
-    /// and refuses nodes that claim another identity than their certificate's (off by
-    /// default until the proxy enrolls).
+    /// for ADS and refuses nodes that claim another identity than their certificate's
+    /// (default on).
     pub xds_mtls: bool,
 }
 
@@ -85,14 +87,28 @@ impl Default for ControlOptions {
             debounce: Duration::from_millis(100),
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             xds_settings: ServerSettings::default(),
-            auth: false,
+            auth: true,
             ca_cert: None,
             ca_key: None,
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             server_names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
             node_cert_ttl: DEFAULT_NODE_CERT_TTL,
+            api_tls: true,
+            xds_mtls: true,
+        }
+    }
+}
+
+impl ControlOptions {
+    /// These options with a plaintext, unauthenticated admin API and a plaintext xDS
+    /// server that serves any node (`--insecure`): for tests and trusted networks only.
+    #[must_use]
+    pub fn insecure(self) -> Self {
+        ControlOptions {
+            auth: false,
             api_tls: false,
             xds_mtls: false,
+            ..self
         }
     }
 }
@@ -249,6 +265,17 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let ca = Arc::new(open_ca(&options)?);
     let server_cert = ca.issue_server_cert(&options.server_names)?;
     let tokens = Tokens::new(store.clone());
+    let revocations = Revocations::load(store.clone())
+        .await
+        .map_err(|source| ControlError::Store {
+            path: options.data_dir.clone(),
+            source,
+        })?;
+    let certs = NodeCerts {
+        ca: ca.clone(),
+        tokens: tokens.clone(),
+        revocations: revocations.clone(),
+    };
     let admin_token_file = options.data_dir.join(ADMIN_TOKEN_FILE);
     if let Some(path) = tokens.ensure_initial_admin(&options.data_dir).await? {
         tracing::info!(file = %path.display(), "wrote the initial admin token (mode 0600)");
@@ -285,6 +312,8 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let api_addr = bound(&api_listener, "admin API", options.api_addr)?;
     let xds_addr = bound(&xds_listener, "xDS server", options.xds_addr)?;
 
+    write_client_config(&options, api_addr, &ca, &admin_token_file);
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cache = SnapshotCache::new();
     let fleet = FleetStatus::new();
@@ -320,11 +349,12 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let ads_options = AdsOptions {
         authorizer: options
             .xds_mtls
-            .then(|| xds_node_authorizer(ca.trust_domain().to_owned())),
+            .then(|| xds_node_authorizer(ca.trust_domain().to_owned(), revocations.clone())),
         ..AdsOptions::default()
     };
+    let ads_server = AdsServer::with_options(cache.clone(), fleet.clone(), ads_options);
     let ads = StoppableAds {
-        inner: AdsServer::with_options(cache.clone(), fleet.clone(), ads_options),
+        inner: ads_server.clone(),
         shutdown: shutdown_rx.clone(),
     };
     let service = AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(64 << 20);
@@ -335,15 +365,24 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
                 &server_cert.cert_pem,
                 &server_cert.key_pem,
             ))
-            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()));
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+            // A presented certificate must chain to the CA; none at all is allowed at
+            // the TLS layer only so a new node can call `Enroll`. ADS and `Renew` refuse
+            // a stream without one.
+            .client_auth_optional(true);
         xds_builder = xds_builder
             .tls_config(tls)
             .map_err(|e| TlsError(format!("xDS server: {e}")))?;
     } else {
         tracing::warn!("xDS server is plaintext and serves any node that connects");
     }
-    let xds_server = xds_builder
-        .add_service(service)
+    let mut xds_router = xds_builder.add_service(service);
+    if options.xds_mtls {
+        xds_router = xds_router.add_service(biplane_xds::node_rpc::NodeCertificatesServer::new(
+            certs.clone(),
+        ));
+    }
+    let xds_server = xds_router
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(xds_listener),
             stopped(shutdown_rx.clone()),
@@ -367,6 +406,9 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         tokens: tokens.clone(),
         auth: options.auth,
         ca: ca.clone(),
+        certs: certs.clone(),
+        revocations,
+        ads: ads_server,
     });
     let app = router(state);
     let api_shutdown = stopped(shutdown_rx.clone());
@@ -410,6 +452,39 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         tokens,
         admin_token_file,
     })
+}
+
+/// The file in the data directory that tells the CLI how to reach this control plane.
+pub const CLIENT_CONFIG_FILE: &str = "client.yaml";
+
+/// Writes `<data-dir>/client.yaml` (server URL, CA file, admin token file) so the CLI,
+/// run next to the data directory, needs no flags. Failing to write it is only a warning.
+fn write_client_config(options: &ControlOptions, api_addr: SocketAddr, ca: &Ca, token_file: &Path) {
+    let host = match api_addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let scheme = if options.api_tls { "https" } else { "http" };
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut text = format!(
+        "# Written by the control plane at every start: how `biplane` CLI commands run next\n\
+         # to this data directory reach it. Copy it to ~/.config/biplane/config.yaml to use\n\
+         # it from elsewhere.\nserver: {scheme}://{}\n",
+        SocketAddr::new(host, api_addr.port())
+    );
+    if options.api_tls
+        && let Some(ca_path) = ca.cert_path()
+    {
+        text.push_str(&format!("caFile: {:?}\n", absolute(ca_path).display().to_string()));
+    }
+    if options.auth && token_file.exists() {
+        text.push_str(&format!("tokenFile: {:?}\n", absolute(token_file).display().to_string()));
+    }
+    let path = options.data_dir.join(CLIENT_CONFIG_FILE);
+    if let Err(e) = crate::ca::write_public_file(&path, text.as_bytes()) {
+        tracing::warn!(error = %e, "cannot write the client config");
+    }
 }
 
 /// Loads or creates the CA per the options.

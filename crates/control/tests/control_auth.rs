@@ -27,6 +27,8 @@ async fn start(dir: &Path) -> ControlHandle {
         debounce: Duration::from_millis(20),
         bind_ip: "127.0.0.1".parse().unwrap(),
         auth: true,
+        api_tls: false,
+        xds_mtls: false,
         ..ControlOptions::default()
     })
     .await
@@ -435,7 +437,7 @@ async fn ca_files_permissions_and_restart() {
         data_dir: other.path().to_path_buf(),
         ca_cert: Some(ca_dir.join("ca.crt")),
         ca_key: Some(ca_dir.join("ca.key")),
-        ..ControlOptions::default()
+        ..ControlOptions::default().insecure()
     })
     .await
     .unwrap();
@@ -601,6 +603,7 @@ async fn admin_api_over_tls_with_the_ca_certificate() {
         data_dir: dir.path().to_path_buf(),
         auth: true,
         api_tls: true,
+        xds_mtls: false,
         ..ControlOptions::default()
     })
     .await
@@ -742,6 +745,7 @@ mod xds_mtls {
             bind_ip: "127.0.0.1".parse().unwrap(),
             auth: true,
             xds_mtls: true,
+            api_tls: false,
             ..ControlOptions::default()
         })
         .await

@@ -56,7 +56,9 @@ impl Control {
                     data_dir: dir.path().to_path_buf(),
                     bind_ip: [127, 0, 0, 1].into(),
                     ..biplane_control::ControlOptions::default()
-                };
+                }
+                // The simulated nodes speak plaintext xDS.
+                .insecure();
                 if let Some(d) = debounce {
                     options.debounce = parse_ms(d)?;
                 }
@@ -108,6 +110,7 @@ async fn spawn_child(bin: &Path, debounce: Option<&str>) -> anyhow::Result<Contr
     let mut cmd = Command::new(bin);
     cmd.args([
         "control",
+        "--insecure",
         "--api-addr",
         "127.0.0.1:0",
         "--xds-addr",

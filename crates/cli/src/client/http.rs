@@ -62,8 +62,20 @@ impl Reply {
 }
 
 impl Api {
-    /// A client for `server` (`http://host:port`, an `https://` URL, or `host:port`).
+    /// A client for `server` (`http://host:port`, an `https://` URL, or `host:port`),
+    /// with no token and the system's roots.
     pub fn new(server: &str) -> Result<Api, Failure> {
+        Self::connect(&super::config::Resolved {
+            server: server.to_owned(),
+            token: None,
+            ca_file: None,
+        })
+    }
+
+    /// A client for a resolved connection: its token is sent as `Authorization: Bearer`
+    /// on every request, and an `https://` server is verified against its CA file.
+    pub fn connect(resolved: &super::config::Resolved) -> Result<Api, Failure> {
+        let server = resolved.server.as_str();
         let with_scheme = if server.contains("://") {
             server.to_owned()
         } else {
@@ -80,10 +92,34 @@ impl Api {
         // reqwest is built without a default crypto provider (the workspace uses ring only);
         // an `https://` server needs one installed. Failing means one already is.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("biplane-cli/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("biplane-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &resolved.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                Failure::Usage(format!("cannot read the CA file {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Failure::Usage(format!("invalid CA file {}: {e}", path.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "the CA file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        if let Some(token) = &resolved.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Failure::Usage("the token has characters a header cannot carry".to_owned()))?;
+            value.set_sensitive(true);
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
+        }
+        let client = builder
             .build()
             .map_err(|e| Failure::Other(format!("cannot build the HTTP client: {e}")))?;
         Ok(Api {

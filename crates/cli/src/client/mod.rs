@@ -2,11 +2,12 @@
 //! talks to a running `biplane control` over its admin API (`/api/v1`, see
 //! `crates/control`) and prints what kubectl users expect, with kubectl's exit codes.
 //!
-//! Every command takes `--server URL` (env `BIPLANE_SERVER`, default
-//! `http://127.0.0.1:7070`). Failures print one plain `error: ...` line per problem on
+//! Every command takes `--server URL`, `--token` and `--ca-file` (or their environment
+//! variables, or a client config file: see [`config`]). Failures print one plain `error: ...` line per problem on
 //! stderr and exit 1 (`diff` exits 2 on errors, as `kubectl diff` does).
 
 pub mod apply;
+pub mod config;
 pub mod delete;
 pub mod diff;
 pub mod get;
@@ -15,26 +16,41 @@ pub mod input;
 pub mod kinds;
 pub mod output;
 pub mod status;
+pub mod token;
 
 use std::process::ExitCode;
-
-/// Where the control plane's admin API is when neither `--server` nor `BIPLANE_SERVER` says.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
 
 /// The namespace of a resource whose document names none, and of `get`/`delete` without `-n`.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// `--server`, shared by every client command.
+/// The connection flags shared by every client command (see [`config`] for the order
+/// in which flags, environment and the client config file are consulted).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
-    /// The control plane's admin API (`biplane control --api-addr`).
-    #[arg(long, env = "BIPLANE_SERVER", default_value = DEFAULT_SERVER, value_name = "URL")]
-    pub server: String,
+    /// The control plane's admin API URL (default `https://127.0.0.1:7070`).
+    #[arg(long, env = "BIPLANE_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// Bearer token for the admin API (`biplane token create --role ...`).
+    #[arg(long, env = "BIPLANE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify an `https://` server with (the control plane's
+    /// `<data-dir>/ca/ca.crt`).
+    #[arg(long, env = "BIPLANE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client config file (server, token or tokenFile, caFile).
+    #[arg(long, env = "BIPLANE_CONFIG", value_name = "FILE")]
+    pub client_config: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     pub fn api(&self) -> Result<http::Api, Failure> {
-        http::Api::new(&self.server)
+        let resolved = config::resolve(
+            self.server.as_deref(),
+            self.token.as_deref(),
+            self.ca_file.as_deref(),
+            self.client_config.as_deref(),
+        )?;
+        http::Api::connect(&resolved)
     }
 }
 

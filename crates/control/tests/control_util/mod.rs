@@ -29,7 +29,8 @@ pub async fn start_in(dir: &Path) -> Cp {
         debounce: Duration::from_millis(20),
         bind_ip: "127.0.0.1".parse().unwrap(),
         ..ControlOptions::default()
-    })
+    }
+    .insecure())
     .await
     .unwrap();
     let base = format!("http://{}", handle.api_addr());

@@ -214,6 +214,8 @@ pub(crate) struct Shared {
     pub(crate) fleet: FleetStatus,
     pub(crate) control_plane: ControlPlane,
     pub(crate) authorizer: AuthorizerSlot,
+    /// Node ids whose streams must end now ([`AdsServer::disconnect`]).
+    pub(crate) disconnects: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 impl AdsServer {
@@ -230,8 +232,16 @@ impl AdsServer {
                     identifier: opts.control_plane_id,
                 },
                 authorizer: AuthorizerSlot(opts.authorizer),
+                disconnects: tokio::sync::broadcast::channel(DISCONNECT_CAPACITY).0,
             }),
         }
+    }
+
+    /// Ends every stream of `node_id` with `PERMISSION_DENIED` (revocation). Streams
+    /// opened afterwards are refused by the authorizer, which must already refuse the
+    /// node when this is called.
+    pub fn disconnect(&self, node_id: &str) {
+        let _ = self.inner.disconnects.send(Arc::from(node_id));
     }
 
     pub fn cache(&self) -> &SnapshotCache {
@@ -248,6 +258,10 @@ impl AdsServer {
         AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20)
     }
 }
+
+/// Pending [`AdsServer::disconnect`] calls a slow stream may lag behind before it
+/// re-checks its authorization instead.
+const DISCONNECT_CAPACITY: usize = 64;
 
 /// Outbound queue depth per stream: one response waits while the transport drains the
 /// previous one; everything newer is coalesced into the next response.

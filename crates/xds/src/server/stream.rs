@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tonic::{Status, Streaming};
 
 use super::{Protocol, Shared, Snapshot, StreamCounter, StreamCtx};
@@ -72,9 +72,14 @@ async fn serve<S: ProtocolState>(
         Ok(Some(r)) => r,
         Ok(None) | Err(_) => return Ok(()),
     };
-    if let (Some(authorize), Some(node)) = (&shared.authorizer.0, S::node(&first)) {
-        authorize(node, peer.as_deref().map(Vec::as_slice))?;
-    }
+    // Subscribed before the authorization check, so a revocation racing with it is seen.
+    let mut disconnects = shared.disconnects.subscribe();
+    let node = S::node(&first).cloned();
+    let authorize = || match (&shared.authorizer.0, &node) {
+        (Some(authorize), Some(node)) => authorize(node, peer.as_deref().map(Vec::as_slice)),
+        _ => Ok(()),
+    };
+    authorize()?;
     let mut ctx = StreamCtx::start(shared, S::node(&first), S::PROTOCOL)?;
     let mut st = S::default();
     st.on_request(&mut ctx, first)?;
@@ -106,6 +111,18 @@ async fn serve<S: ProtocolState>(
                 }
             },
             () = tx.closed() => return Ok(()),
+            gone = disconnects.recv() => match gone {
+                Ok(id) if *id == *ctx.node_id => {
+                    tracing::info!(node = %ctx.node_id, "ADS stream closed: node revoked");
+                    return Err(Status::permission_denied(format!(
+                        "node {id:?} was revoked by the control plane's operator"
+                    )));
+                }
+                Ok(_) => {}
+                // Missed some: ask the authorizer again.
+                Err(broadcast::error::RecvError::Lagged(_)) => authorize()?,
+                Err(broadcast::error::RecvError::Closed) => {}
+            },
         }
     }
 }
