@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use biplane_proxy::{Proxy, ProxyOptions};
 use biplane_xds::TranslateOptions;
+use biplane_xds::client::identity::NodeCredentials;
 
 /// Arguments of `biplane proxy`.
 #[derive(Debug, clap::Args)]
@@ -37,21 +38,35 @@ pub struct ProxyArgs {
     )]
     pub config: Option<PathBuf>,
     /// xDS mode: control-plane xDS addresses (`host:port`), tried in turn.
-    #[arg(
-        long,
-        value_name = "ADDR[,ADDR...]",
-        value_delimiter = ',',
-        requires = "gateway"
-    )]
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     pub control_plane: Vec<String>,
-    /// The Gateway this node serves (`name` or `namespace/name`): required with
-    /// `--control-plane` (it is the xDS `node.cluster`); with `--config`, needed when the
-    /// file has several.
+    /// The Gateway this node serves (`name` or `namespace/name`). Over mTLS it comes from
+    /// the node's certificate (given, it must match); with `--insecure` it is required (it
+    /// is the xDS `node.cluster`); with `--config`, needed when the file has several.
     #[arg(long, value_name = "NAME")]
     pub gateway: Option<String>,
-    /// xDS node id (default: `<hostname>-<pid>`).
+    /// xDS node id (default: the enrolled one; on first enrollment `<hostname>-<random>`;
+    /// with `--insecure` `<hostname>-<pid>`).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
+    /// Bootstrap token (`biplane token create --gateway NAME`) to enroll with on first
+    /// start: a key pair is generated here, and the certificate the control plane signs is
+    /// kept with it in `--state-dir` (0600), so later starts need no token.
+    #[arg(
+        long,
+        env = "BIPLANE_BOOTSTRAP_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "insecure"
+    )]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the control plane with on enrollment, when the token
+    /// carries no pin.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca_file: Option<PathBuf>,
+    /// The control plane's name in its certificate (default: the host of the address).
+    #[arg(long, value_name = "NAME", conflicts_with = "insecure")]
+    pub server_name: Option<String>,
     /// Where the last-known-good config is kept (xDS mode).
     #[arg(long, value_name = "DIR", default_value = "./biplane-proxy-state")]
     pub state_dir: PathBuf,
@@ -100,13 +115,42 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_xds(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let Some(gateway) = args.gateway.clone() else {
-        anyhow::bail!("--gateway is required with --control-plane");
+    let (gateway, node_id, tls) = if args.insecure {
+        let Some(gateway) = args.gateway.clone() else {
+            anyhow::bail!("--gateway is required with --control-plane --insecure");
+        };
+        eprintln!(
+            "WARNING: --insecure: xDS is plaintext; the control plane is not verified and anyone on the path can read or change this node's configuration"
+        );
+        let node_id = args.node_id.clone().unwrap_or_else(default_node_id);
+        (gateway, node_id, None)
+    } else {
+        let creds = enroll(&args).await?;
+        if let Some(wanted) = &args.gateway {
+            let wanted_full = if wanted.contains('/') {
+                wanted.clone()
+            } else {
+                format!("{}/{wanted}", biplane_api::DEFAULT_NAMESPACE)
+            };
+            anyhow::ensure!(
+                wanted_full == creds.gateway(),
+                "--gateway {wanted} does not match the enrolled identity {} (Gateway {}); enroll with a token for {wanted} in another --state-dir",
+                creds.identity(),
+                creds.gateway()
+            );
+        }
+        tracing::info!(identity = %creds.identity(), not_after = ?creds.not_after(), "node identity");
+        (
+            creds.gateway().to_owned(),
+            creds.node_id().to_owned(),
+            Some(Arc::new(creds)),
+        )
     };
     let node = XdsNode::start(XdsNodeOptions {
         control_plane: args.control_plane.clone(),
         gateway,
-        node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+        node_id,
+        tls,
         state_dir: args.state_dir.clone(),
         protocol: args.xds_protocol,
         initial_fetch_timeout: args.initial_fetch_timeout,
@@ -123,6 +167,31 @@ async fn run_xds(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Loads the node's credentials from the state dir, or enrolls with the token. While no
+/// control plane answers, enrollment is retried with backoff; a refusal is fatal.
+async fn enroll(args: &ProxyArgs) -> anyhow::Result<NodeCredentials> {
+    use biplane_xds::client::identity::{IdentityError, IdentityOptions, load_or_enroll};
+    let opts = IdentityOptions {
+        node_id: args.node_id.clone(),
+        token: args.token.clone(),
+        ca_file: args.ca_file.clone(),
+        server_name: args.server_name.clone(),
+        ..IdentityOptions::new(args.state_dir.clone())
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match load_or_enroll(&opts, &args.control_plane).await {
+            Ok(creds) => return Ok(creds),
+            Err(IdentityError::Unreachable(why)) => {
+                tracing::warn!(reason = %why, retry_in = ?delay, "cannot enroll yet: no control plane answers");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("node identity")),
+        }
+    }
+}
+
 /// What an xDS-fed proxy node is started with (`biplane proxy --control-plane`, and the
 /// node `biplane up` runs in-process).
 #[derive(Debug, Clone)]
@@ -132,6 +201,9 @@ pub struct XdsNodeOptions {
     /// The Gateway served (`node.cluster`).
     pub gateway: String,
     pub node_id: String,
+    /// The node's certificate for mTLS to the control plane (renewed at half-life);
+    /// `None`: plaintext.
+    pub tls: Option<Arc<NodeCredentials>>,
     /// Where the last-known-good config is kept.
     pub state_dir: PathBuf,
     pub protocol: XdsProtocol,
@@ -147,6 +219,8 @@ pub struct XdsNode {
     proxy: Arc<Proxy>,
     client: biplane_xds::client::ClientHandle,
     drain_timeout: Duration,
+    /// The certificate renewal task (mTLS only).
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl XdsNode {
@@ -172,6 +246,14 @@ impl XdsNode {
             XdsProtocol::Sotw => Protocol::Sotw,
         };
         client_opts.state_dir = Some(opts.state_dir.clone());
+        client_opts.tls = opts.tls.clone();
+        let renewal = opts.tls.clone().map(|creds| {
+            biplane_xds::client::identity::spawn_renewal(
+                creds,
+                opts.control_plane.clone(),
+                std::future::pending(),
+            )
+        });
         client_opts.initial_fetch_timeout = Some(opts.initial_fetch_timeout);
         tracing::info!(node = %opts.node_id, gateway = %opts.gateway, control_plane = ?opts.control_plane,
             state_dir = %opts.state_dir.display(), "starting in xDS mode (not ready until a config is applied)");
@@ -189,6 +271,7 @@ impl XdsNode {
             proxy,
             client,
             drain_timeout,
+            renewal,
         })
     }
 
@@ -208,7 +291,11 @@ impl XdsNode {
             proxy,
             client,
             drain_timeout,
+            renewal,
         } = self;
+        if let Some(task) = renewal {
+            task.abort();
+        }
         client.shutdown().await;
         match Arc::try_unwrap(proxy) {
             Ok(proxy) => {

@@ -18,9 +18,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::Context as _;
+use biplane_control::tokens::Role;
 use biplane_control::{ControlHandle, ControlOptions, server};
 use biplane_proxy::ProxyOptions;
+use biplane_xds::client::identity::{IdentityOptions, load_or_enroll};
 use reqwest::Method;
 use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -79,6 +83,8 @@ pub struct UpArgs {
     /// Do not write the proxy's JSON access log (one line per request) to stdout.
     #[arg(long)]
     pub no_access_log: bool,
+    #[command(flatten)]
+    pub security: crate::control_cmd::SecurityArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -166,26 +172,61 @@ async fn start(args: &UpArgs, running: &mut Running) -> anyhow::Result<()> {
         running.echoes.push(echo);
     }
 
-    let control = biplane_control::run(ControlOptions {
+    let options = args.security.apply(ControlOptions {
         api_addr: args.api_addr,
         xds_addr: args.xds_addr,
         data_dir: args.data_dir.clone(),
         debounce: args.debounce,
         bind_ip: args.proxy_bind_ip,
         ..ControlOptions::default()
-    }
-    .insecure())
-    .await
-    .context("cannot start the control plane")?;
+    });
+    let secure = (options.auth, options.xds_mtls);
+    let control = biplane_control::run(options)
+        .await
+        .context("cannot start the control plane")?;
     let (api_addr, xds_addr) = (control.api_addr(), control.xds_addr());
-    running.control = Some(control);
     eprintln!("api listening on {api_addr}");
     eprintln!("xds listening on {xds_addr}");
+    let xds_target = loopback_if_unspecified(xds_addr).to_string();
+    // The node enrolls like any other: a one-use bootstrap token, pinned to the CA.
+    let (node_id, tls) = if secure.1 {
+        let token = control
+            .tokens()
+            .mint_bootstrap(GATEWAY, Duration::from_secs(300), 1)
+            .await
+            .context("minting the node's bootstrap token")?;
+        let opts = IdentityOptions {
+            token: Some(format!("{token}.{}", control.ca().pin())),
+            ..IdentityOptions::new(args.data_dir.join("proxy-state"))
+        };
+        let creds = load_or_enroll(&opts, std::slice::from_ref(&xds_target))
+            .await
+            .context("enrolling the proxy node")?;
+        eprintln!("proxy node identity {}", creds.identity());
+        (creds.node_id().to_owned(), Some(Arc::new(creds)))
+    } else {
+        (proxy_cmd::default_node_id(), None)
+    };
+    // The CLI calls below use a short-lived admin token of their own.
+    let api_token = if secure.0 {
+        Some(
+            control
+                .tokens()
+                .mint_api(Role::Admin, "biplane-up", Some(Duration::from_secs(600)))
+                .await
+                .context("minting an API token")?,
+        )
+    } else {
+        None
+    };
+    let ca_file = control.ca().cert_path().map(std::path::Path::to_path_buf);
+    running.control = Some(control);
 
     let node = XdsNode::start(XdsNodeOptions {
-        control_plane: vec![xds_addr.to_string()],
+        control_plane: vec![xds_target],
         gateway: GATEWAY.to_owned(),
-        node_id: proxy_cmd::default_node_id(),
+        node_id,
+        tls,
         state_dir: args.data_dir.join("proxy-state"),
         protocol: XdsProtocol::Delta,
         initial_fetch_timeout: Duration::from_secs(5),
@@ -200,8 +241,13 @@ async fn start(args: &UpArgs, running: &mut Running) -> anyhow::Result<()> {
     let admin_addr = node.proxy().admin_addr();
     running.node = Some(node);
 
-    let server = format!("http://{api_addr}");
-    let api = Api::new(&server).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let scheme = if secure.0 { "https" } else { "http" };
+    let api = Api::connect(&crate::client::config::Resolved {
+        server: format!("{scheme}://{}", loopback_if_unspecified(api_addr)),
+        token: api_token,
+        ca_file: if secure.0 { ca_file } else { None },
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let stored = count_resources(&api).await?;
     if stored == 0 {
         let docs = quickstart_documents(args.http_port, &echo_addrs)?;
@@ -246,6 +292,7 @@ async fn start(args: &UpArgs, running: &mut Running) -> anyhow::Result<()> {
         xds_addr,
         admin_addr,
         data_dir: &args.data_dir,
+        secure: secure.0 && secure.1,
     });
     Ok(())
 }
@@ -319,14 +366,33 @@ struct Banner<'a> {
     xds_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     data_dir: &'a std::path::Path,
+    /// mTLS xDS and an authenticated HTTPS admin API.
+    secure: bool,
+}
+
+/// `addr` with `127.0.0.1` (or `::1`) for an unspecified IP: where to connect to reach it.
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            (std::net::Ipv6Addr::LOCALHOST, addr.port()).into()
+        }
+        _ => addr,
+    }
 }
 
 /// What to do next, on stdout.
 fn print_banner(b: &Banner<'_>) {
-    let server = if b.api_addr == server::DEFAULT_API_ADDR {
+    // The CLI reads `<data-dir>/client.yaml` (server, CA, admin token) by itself when run
+    // next to the default data directory.
+    let default_dir = b.data_dir == std::path::Path::new(biplane_control::store::DEFAULT_DATA_DIR);
+    let server = if default_dir {
         String::new()
     } else {
-        format!(" --server http://{}", b.api_addr)
+        format!(
+            " --client-config {}",
+            b.data_dir.join(server::CLIENT_CONFIG_FILE).display()
+        )
     };
     let mut out = String::from("\nbiplane is up\n\n");
     if b.ready && !b.listeners.is_empty() {
@@ -382,8 +448,24 @@ fn print_banner(b: &Banner<'_>) {
             "  curl http://{admin}/config_dump   # the config the proxy node runs\n"
         ));
     }
+    let (scheme, trust) = if b.secure {
+        (
+            "https",
+            format!(
+                "\nTrust: the admin API needs a bearer token (the admin token is in {}, the CLI\n\
+                 finds it through {}); the proxy node enrolled with a one-use token and talks\n\
+                 to the control plane over mTLS. Mint more tokens with `biplane token create`.\n",
+                b.data_dir
+                    .join(biplane_control::tokens::ADMIN_TOKEN_FILE)
+                    .display(),
+                b.data_dir.join(server::CLIENT_CONFIG_FILE).display()
+            ),
+        )
+    } else {
+        ("http", String::new())
+    };
     out.push_str(&format!(
-        "\nControl plane: admin API http://{}, xDS {}; state in {}.\nCtrl-C stops everything.\n",
+        "\nControl plane: admin API {scheme}://{}, xDS {}; state in {}.\n{trust}Ctrl-C stops everything.\n",
         b.api_addr,
         b.xds_addr,
         b.data_dir.display()

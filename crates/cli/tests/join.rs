@@ -903,15 +903,45 @@ async fn up_serves_the_quickstart_and_stops_on_sigint() {
     let v2 = curl("/v2/hello");
     assert!(v2.contains("x-echo-name: echo-v2"), "{v2}");
 
+    // Secure by default: the node enrolled and speaks mTLS; the CLI finds the server, the
+    // CA and the admin token through the client config the control plane wrote.
+    assert!(
+        up.stderr.text().contains("proxy node identity spiffe://biplane.local/gateway/default/default/node/"),
+        "{}",
+        up.stderr.text()
+    );
+    assert!(banner.contains("needs a bearer token"), "{banner}");
+    let client_config = data.join("client.yaml");
     let (code, out, err) = run_cli(vec![
+        "get".into(),
+        "httproutes".into(),
+        "--client-config".into(),
+        client_config.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("quickstart ")), "{out}");
+    // Plaintext, or HTTPS without a token, is refused.
+    let (code, _, err) = run_cli(vec![
         "get".into(),
         "httproutes".into(),
         "--server".into(),
         format!("http://{api}"),
     ])
     .await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.lines().any(|l| l.starts_with("quickstart ")), "{out}");
+    assert_eq!(code, 1, "{err}");
+    let ca = data.join("ca/ca.crt");
+    let (code, _, err) = run_cli(vec![
+        "get".into(),
+        "httproutes".into(),
+        "--server".into(),
+        format!("https://{api}"),
+        "--ca-file".into(),
+        ca.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("token"), "{err}");
 
     up.signal("INT");
     let status = tokio::task::spawn_blocking(move || {

@@ -33,7 +33,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::auth::{AuthState, require_token};
 use crate::ca::{Ca, NodeIdentity};
 use crate::certs::{CertError, NodeCerts};
-use crate::nodes::Revocations;
 use crate::controller::{ControllerShared, decode, stopping};
 use crate::docs::{
     self, REGISTRY_PREFIX, generation_of, key_of, kind_from_path, kind_prefix, new_uid,
@@ -41,6 +40,7 @@ use crate::docs::{
     unified_diff, user_view,
 };
 use crate::metrics::{CONTENT_TYPE, Metrics};
+use crate::nodes::Revocations;
 use crate::status::{StatusContext, fleet_status};
 use crate::store::{
     Compare, Event, KeyValue, Op, Precondition, RangeResponse, Store, StoreError, Txn,
@@ -1263,7 +1263,9 @@ async fn revoke_node(
     if new {
         tracing::warn!(node = %id, by = %by, "node revoked");
     }
-    ok(json!({"kind": "Revocation", "nodeId": record.node_id, "revokedAt": record.revoked_at, "revokedBy": record.revoked_by, "new": new}))
+    ok(
+        json!({"kind": "Revocation", "nodeId": record.node_id, "revokedAt": record.revoked_at, "revokedBy": record.revoked_by, "new": new}),
+    )
 }
 
 /// `GET /api/v1/revocations`: the revoked node ids.

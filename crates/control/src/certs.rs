@@ -182,8 +182,7 @@ impl biplane_xds::node_rpc::NodeCertificates for NodeCerts {
     ) -> Result<tonic::Response<biplane_xds::node_rpc::CertificateResponse>, tonic::Status> {
         let peer = request.peer_certs();
         let leaf = peer.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
-        let issued =
-            NodeCerts::renew(self, leaf, &request.get_ref().csr_pem).map_err(to_status)?;
+        let issued = NodeCerts::renew(self, leaf, &request.get_ref().csr_pem).map_err(to_status)?;
         Ok(tonic::Response::new(response(issued)))
     }
 }

@@ -24,11 +24,11 @@ use tonic::{Request, Status, Streaming};
 
 use crate::api::{ApiState, router};
 use crate::auth::xds_node_authorizer;
-use crate::certs::NodeCerts;
-use crate::nodes::Revocations;
 use crate::ca::{Ca, CaError, CaSource, CertAndKey, DEFAULT_NODE_CERT_TTL, DEFAULT_TRUST_DOMAIN};
+use crate::certs::NodeCerts;
 use crate::controller::{Controller, ControllerOptions, ControllerShared, track_fleet};
 use crate::metrics::Metrics;
+use crate::nodes::Revocations;
 use crate::store::{DEFAULT_DATA_DIR, RedbStore, Store, StoreError, StoreOptions};
 use crate::tls::{TlsError, TlsListener, server_config as tls_server_config};
 use crate::tokens::{ADMIN_TOKEN_FILE, TokenError, Tokens};
@@ -265,12 +265,13 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let ca = Arc::new(open_ca(&options)?);
     let server_cert = ca.issue_server_cert(&options.server_names)?;
     let tokens = Tokens::new(store.clone());
-    let revocations = Revocations::load(store.clone())
-        .await
-        .map_err(|source| ControlError::Store {
-            path: options.data_dir.clone(),
-            source,
-        })?;
+    let revocations =
+        Revocations::load(store.clone())
+            .await
+            .map_err(|source| ControlError::Store {
+                path: options.data_dir.clone(),
+                source,
+            })?;
     let certs = NodeCerts {
         ca: ca.clone(),
         tokens: tokens.clone(),
@@ -382,11 +383,10 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
             certs.clone(),
         ));
     }
-    let xds_server = xds_router
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(xds_listener),
-            stopped(shutdown_rx.clone()),
-        );
+    let xds_server = xds_router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(xds_listener),
+        stopped(shutdown_rx.clone()),
+    );
     tasks.push((
         "xDS server",
         tokio::spawn(async move {
@@ -476,10 +476,16 @@ fn write_client_config(options: &ControlOptions, api_addr: SocketAddr, ca: &Ca, 
     if options.api_tls
         && let Some(ca_path) = ca.cert_path()
     {
-        text.push_str(&format!("caFile: {:?}\n", absolute(ca_path).display().to_string()));
+        text.push_str(&format!(
+            "caFile: {:?}\n",
+            absolute(ca_path).display().to_string()
+        ));
     }
     if options.auth && token_file.exists() {
-        text.push_str(&format!("tokenFile: {:?}\n", absolute(token_file).display().to_string()));
+        text.push_str(&format!(
+            "tokenFile: {:?}\n",
+            absolute(token_file).display().to_string()
+        ));
     }
     let path = options.data_dir.join(CLIENT_CONFIG_FILE);
     if let Err(e) = crate::ca::write_public_file(&path, text.as_bytes()) {

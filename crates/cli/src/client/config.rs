@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Failure;
 
-/// The file `biplane control` writes into its data directory.
-pub const CLIENT_CONFIG_FILE: &str = "client.yaml";
+use biplane_control::server::CLIENT_CONFIG_FILE;
+
 /// The server when nothing says otherwise.
 pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7070";
 
@@ -67,11 +67,13 @@ fn default_paths() -> Vec<PathBuf> {
 /// Reads a config file; relative paths in it become relative to its directory.
 pub fn load(path: &Path) -> Result<ClientConfig, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Failure::Usage(format!("cannot read the client config {}: {e}", path.display()))
+        Failure::Usage(format!(
+            "cannot read the client config {}: {e}",
+            path.display()
+        ))
     })?;
-    let mut config: ClientConfig = serde_saphyr::from_str(&text).map_err(|e| {
-        Failure::Usage(format!("invalid client config {}: {e}", path.display()))
-    })?;
+    let mut config: ClientConfig = serde_saphyr::from_str(&text)
+        .map_err(|e| Failure::Usage(format!("invalid client config {}: {e}", path.display())))?;
     let base = path.parent().unwrap_or(Path::new("."));
     for p in [&mut config.token_file, &mut config.ca_file]
         .into_iter()

@@ -64,6 +64,7 @@ impl Reply {
 impl Api {
     /// A client for `server` (`http://host:port`, an `https://` URL, or `host:port`),
     /// with no token and the system's roots.
+    #[cfg(test)]
     pub fn new(server: &str) -> Result<Api, Failure> {
         Self::connect(&super::config::Resolved {
             server: server.to_owned(),
@@ -100,9 +101,8 @@ impl Api {
             let pem = std::fs::read(path).map_err(|e| {
                 Failure::Usage(format!("cannot read the CA file {}: {e}", path.display()))
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Failure::Usage(format!("invalid CA file {}: {e}", path.display()))
-            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Failure::Usage(format!("invalid CA file {}: {e}", path.display())))?;
             if certs.is_empty() {
                 return Err(Failure::Usage(format!(
                     "the CA file {} holds no certificate",
@@ -113,7 +113,9 @@ impl Api {
         }
         if let Some(token) = &resolved.token {
             let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| Failure::Usage("the token has characters a header cannot carry".to_owned()))?;
+                .map_err(|_| {
+                    Failure::Usage("the token has characters a header cannot carry".to_owned())
+                })?;
             value.set_sensitive(true);
             let mut headers = reqwest::header::HeaderMap::new();
             headers.insert(reqwest::header::AUTHORIZATION, value);

@@ -31,7 +31,12 @@ pub struct ServerArgs {
     #[arg(long, env = "BIPLANE_SERVER", value_name = "URL")]
     pub server: Option<String>,
     /// Bearer token for the admin API (`biplane token create --role ...`).
-    #[arg(long, env = "BIPLANE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BIPLANE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// CA certificate (PEM) to verify an `https://` server with (the control plane's
     /// `<data-dir>/ca/ca.crt`).

@@ -28,7 +28,12 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Bootstrap token for nodes of this Gateway (`name` or `namespace/name`).
-    #[arg(long, value_name = "NAME", conflicts_with = "role", required_unless_present = "role")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "role",
+        required_unless_present = "role"
+    )]
     pub gateway: Option<String>,
     /// Admin API token with this role.
     #[arg(long, value_enum)]
@@ -121,24 +126,37 @@ async fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
 async fn list(args: ListArgs) -> Result<ExitCode, Failure> {
     let api = args.server.api()?;
     let body = api.get(api.url(&["tokens"], &[])).await?.ok()?;
-    print_list(&body, args.output, &["ID", "KIND", "GATEWAY/ROLE", "NAME", "USES LEFT", "EXPIRES", "VALID"], |t| {
-        vec![
-            str_at(t, "/id").unwrap_or("").chars().take(12).collect(),
-            str_at(t, "/kind").unwrap_or("").to_owned(),
-            str_at(t, "/gateway")
-                .or_else(|| str_at(t, "/role"))
-                .unwrap_or("")
-                .to_owned(),
-            str_at(t, "/name").unwrap_or("").to_owned(),
-            t.get("usesLeft")
-                .and_then(Value::as_u64)
-                .map_or_else(String::new, |u| u.to_string()),
-            str_at(t, "/expiresAt").unwrap_or("never").to_owned(),
-            t.get("valid")
-                .and_then(Value::as_bool)
-                .map_or_else(String::new, |v| v.to_string()),
-        ]
-    })
+    print_list(
+        &body,
+        args.output,
+        &[
+            "ID",
+            "KIND",
+            "GATEWAY/ROLE",
+            "NAME",
+            "USES LEFT",
+            "EXPIRES",
+            "VALID",
+        ],
+        |t| {
+            vec![
+                str_at(t, "/id").unwrap_or("").chars().take(12).collect(),
+                str_at(t, "/kind").unwrap_or("").to_owned(),
+                str_at(t, "/gateway")
+                    .or_else(|| str_at(t, "/role"))
+                    .unwrap_or("")
+                    .to_owned(),
+                str_at(t, "/name").unwrap_or("").to_owned(),
+                t.get("usesLeft")
+                    .and_then(Value::as_u64)
+                    .map_or_else(String::new, |u| u.to_string()),
+                str_at(t, "/expiresAt").unwrap_or("never").to_owned(),
+                t.get("valid")
+                    .and_then(Value::as_bool)
+                    .map_or_else(String::new, |v| v.to_string()),
+            ]
+        },
+    )
 }
 
 /// Prints `body.items` as a table (or the whole body as JSON/YAML).
@@ -154,7 +172,12 @@ fn print_list(
         Format::Yaml => output::to_yaml(body)?,
         Format::Table => {
             let mut table = Table::new(headers);
-            for item in body.get("items").and_then(Value::as_array).into_iter().flatten() {
+            for item in body
+                .get("items")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 table.row(row(item));
             }
             table.render()
@@ -191,7 +214,11 @@ pub async fn run_node(cmd: NodeCommand) -> ExitCode {
 async fn revoke(args: RevokeArgs) -> Result<ExitCode, Failure> {
     let api = args.server.api()?;
     let reply = api
-        .send(Method::POST, api.url(&["nodes", &args.id, "revoke"], &[]), None)
+        .send(
+            Method::POST,
+            api.url(&["nodes", &args.id, "revoke"], &[]),
+            None,
+        )
         .await?
         .ok()?;
     if reply.get("new").and_then(Value::as_bool) == Some(false) {

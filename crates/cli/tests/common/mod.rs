@@ -153,6 +153,13 @@ impl Proc {
         let mut child = command
             .args(args)
             .env("BIPLANE_LOG", log)
+            // Never pick up the user's CLI config or credentials.
+            .env("XDG_CONFIG_HOME", "/nonexistent/biplane-tests")
+            .env_remove("BIPLANE_SERVER")
+            .env_remove("BIPLANE_TOKEN")
+            .env_remove("BIPLANE_CA_FILE")
+            .env_remove("BIPLANE_CONFIG")
+            .env_remove("BIPLANE_BOOTSTRAP_TOKEN")
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {

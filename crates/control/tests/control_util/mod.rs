@@ -22,15 +22,17 @@ pub struct Cp {
 
 pub async fn start_in(dir: &Path) -> Cp {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let handle = biplane_control::run(ControlOptions {
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        debounce: Duration::from_millis(20),
-        bind_ip: "127.0.0.1".parse().unwrap(),
-        ..ControlOptions::default()
-    }
-    .insecure())
+    let handle = biplane_control::run(
+        ControlOptions {
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            debounce: Duration::from_millis(20),
+            bind_ip: "127.0.0.1".parse().unwrap(),
+            ..ControlOptions::default()
+        }
+        .insecure(),
+    )
     .await
     .unwrap();
     let base = format!("http://{}", handle.api_addr());
