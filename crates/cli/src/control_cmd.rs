@@ -97,6 +97,7 @@ fn parse_debounce(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir.clone();
     let options = args.security.apply(ControlOptions {
         api_addr: args.api_addr,
         xds_addr: args.xds_addr,
@@ -110,6 +111,17 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the control plane")?;
     eprintln!("api listening on {}", handle.api_addr());
     eprintln!("xds listening on {}", handle.xds_addr());
+    if handle.admin_token_file().exists() {
+        eprintln!(
+            "admin token in {} (mode 0600; move it somewhere safe)",
+            handle.admin_token_file().display()
+        );
+    }
+    eprintln!(
+        "CLI config in {} (server, CA, admin token file)",
+        data_dir.join(biplane_control::server::CLIENT_CONFIG_FILE).display()
+    );
+    eprintln!("CA pin sha256:{}", handle.ca().pin());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let failed = tokio::select! {

@@ -139,7 +139,11 @@ async fn run_xds(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 creds.gateway()
             );
         }
-        tracing::info!(identity = %creds.identity(), not_after = ?creds.not_after(), "node identity");
+        let valid_for = creds
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::info!(identity = %creds.identity(), valid_for_secs = valid_for.as_secs(), "node identity");
         (
             creds.gateway().to_owned(),
             creds.node_id().to_owned(),

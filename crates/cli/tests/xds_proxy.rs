@@ -337,9 +337,27 @@ fn config_and_control_plane_are_exclusive() {
         p.stderr.text()
     );
 
-    let mut p = Proc::spawn(&["proxy", "--control-plane", "127.0.0.1:1"]);
+    // Over plaintext the Gateway must be named; over mTLS it comes from the enrolled
+    // certificate, and a node with neither stored credentials nor a token cannot start.
+    let mut p = Proc::spawn(&["proxy", "--insecure", "--control-plane", "127.0.0.1:1"]);
     let status = p.wait_exit(DEADLINE);
     p.stderr.wait_eof();
     assert!(!status.success());
     assert!(p.stderr.text().contains("--gateway"), "{}", p.stderr.text());
+    let state = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(&[
+        "proxy",
+        "--control-plane",
+        "127.0.0.1:1",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    let status = p.wait_exit(DEADLINE);
+    p.stderr.wait_eof();
+    assert!(!status.success());
+    assert!(
+        p.stderr.text().contains("no node certificate") && p.stderr.text().contains("--token"),
+        "{}",
+        p.stderr.text()
+    );
 }

@@ -262,6 +262,16 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
         path: options.data_dir.clone(),
         source,
     })?);
+    // The store holds Secret resources (TLS keys) and token hashes: owner only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(
+            &options.data_dir,
+            std::fs::Permissions::from_mode(0o700),
+        ) {
+            tracing::warn!(dir = %options.data_dir.display(), error = %e, "cannot restrict the data directory to its owner (0700)");
+        }
+    }
     let ca = Arc::new(open_ca(&options)?);
     let server_cert = ca.issue_server_cert(&options.server_names)?;
     let tokens = Tokens::new(store.clone());

@@ -174,9 +174,15 @@ impl Api {
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> Failure {
+        let mut reason = root_cause(e);
+        if self.base.scheme() == "http" && reason.contains("invalid HTTP version") {
+            reason.push_str(" (the server speaks HTTPS: use an https:// URL with --ca-file)");
+        } else if self.base.scheme() == "https" && reason.contains("UnknownIssuer") {
+            reason.push_str(" (give the control plane's CA certificate with --ca-file)");
+        }
         Failure::Unreachable {
             server: self.shown.clone(),
-            reason: root_cause(e),
+            reason,
         }
     }
 }
