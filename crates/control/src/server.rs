@@ -30,7 +30,7 @@ use crate::controller::{Controller, ControllerOptions, ControllerShared, track_f
 use crate::metrics::Metrics;
 use crate::nodes::Revocations;
 use crate::store::{DEFAULT_DATA_DIR, RedbStore, Store, StoreError, StoreOptions};
-use crate::tls::{TlsError, TlsListener, server_config as tls_server_config};
+use crate::tls::{TlsError, TlsListener, server_config as tls_server_config, xds_server_config};
 use crate::tokens::{ADMIN_TOKEN_FILE, TokenError, Tokens};
 
 /// Default admin API address.
@@ -370,33 +370,29 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     };
     let service = AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(64 << 20);
     let mut xds_builder = options.xds_settings.builder();
-    if options.xds_mtls {
-        let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &server_cert.cert_pem,
-                &server_cert.key_pem,
-            ))
-            .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
-            // A presented certificate must chain to the CA; none at all is allowed at
-            // the TLS layer only so a new node can call `Enroll`. ADS and `Renew` refuse
-            // a stream without one.
-            .client_auth_optional(true);
-        xds_builder = xds_builder
-            .tls_config(tls)
-            .map_err(|e| TlsError(format!("xDS server: {e}")))?;
-    } else {
-        tracing::warn!("xDS server is plaintext and serves any node that connects");
-    }
     let mut xds_router = xds_builder.add_service(service);
-    if options.xds_mtls {
-        xds_router = xds_router.add_service(biplane_xds::node_rpc::NodeCertificatesServer::new(
-            certs.clone(),
-        ));
-    }
-    let xds_server = xds_router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(xds_listener),
-        stopped(shutdown_rx.clone()),
-    );
+    let shutdown = stopped(shutdown_rx.clone());
+    let xds_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        if options.xds_mtls {
+            xds_router = xds_router.add_service(
+                biplane_xds::node_rpc::NodeCertificatesServer::new(certs.clone()),
+            );
+            let config = xds_server_config(&server_cert, ca.cert_pem())?;
+            let incoming = TlsListener::new(xds_listener, config, "xDS").map_err(|source| {
+                ControlError::Bind {
+                    what: "xDS server",
+                    addr: xds_addr,
+                    source,
+                }
+            })?;
+            Box::pin(xds_router.serve_with_incoming_shutdown(incoming, shutdown))
+        } else {
+            tracing::warn!("xDS server is plaintext and serves any node that connects");
+            Box::pin(
+                xds_router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), shutdown),
+            )
+        };
     tasks.push((
         "xDS server",
         tokio::spawn(async move {
@@ -424,7 +420,7 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let api_shutdown = stopped(shutdown_rx.clone());
     let api_task = if let Some(config) = api_tls {
         let listener =
-            TlsListener::new(api_listener, config).map_err(|source| ControlError::Bind {
+            TlsListener::new(api_listener, config, "admin API").map_err(|source| ControlError::Bind {
                 what: "admin API",
                 addr: api_addr,
                 source,

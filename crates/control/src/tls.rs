@@ -47,8 +47,47 @@ pub fn server_config(cert: &CertAndKey) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
-/// An axum listener serving TLS. Accepting runs in a background task that ends when the
-/// listener is dropped.
+/// The xDS port's rustls server config: `cert`, ALPN h2, and client certificates
+/// verified against `ca_pem` — optional at the TLS layer so a new node can call `Enroll`;
+/// ADS and `Renew` refuse a connection without one. A presented certificate that does
+/// not chain to the CA, or has expired, fails the handshake.
+pub fn xds_server_config(
+    cert: &CertAndKey,
+    ca_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|e| TlsError(format!("CA certificate: {e}")))?;
+        roots
+            .add(ca)
+            .map_err(|e| TlsError(format!("CA certificate: {e}")))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError(format!("client verifier: {e}")))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError(format!("certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| TlsError(format!("private key: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS listener: an axum `Listener` (admin API) and a `Stream` of connections (the
+/// tonic xDS server). Handshakes run in their own tasks; a refused one is logged with the
+/// peer and the reason. Accepting runs in a background task that ends when the listener
+/// is dropped.
 pub struct TlsListener {
     local_addr: SocketAddr,
     rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -56,8 +95,12 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Serves TLS with `config` on `listener`.
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+    /// Serves TLS with `config` on `listener`; `what` names it in logs.
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        what: &'static str,
+    ) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -66,7 +109,7 @@ impl TlsListener {
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::debug!(error = %e, "admin API: accept failed");
+                        tracing::debug!(listener = what, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -82,10 +125,10 @@ impl TlsListener {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "admin API: TLS handshake refused");
+                            tracing::info!(listener = what, %peer, error = %e, "TLS handshake refused");
                         }
                         Err(_) => {
-                            tracing::info!(%peer, "admin API: TLS handshake timed out");
+                            tracing::info!(listener = what, %peer, "TLS handshake timed out");
                         }
                     }
                 });
@@ -119,5 +162,19 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local_addr)
+    }
+}
+
+impl tokio_stream::Stream for TlsListener {
+    type Item = io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|c| c.map(|(tls, _)| Ok(tls)))
     }
 }

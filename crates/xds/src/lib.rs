@@ -88,6 +88,7 @@
 
 pub mod client;
 pub mod from_xds;
+pub mod node_rpc;
 pub mod server;
 #[path = "static.rs"]
 pub mod static_config;

@@ -55,12 +55,14 @@
 //!   file is loaded (when whole, checksummed and for this Gateway) and applied; the client
 //!   keeps trying the control planes and resyncs when one answers.
 
+pub mod identity;
 pub mod lkg;
 mod state;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use biplane_config::Config;
@@ -123,6 +125,9 @@ pub struct ClientOptions {
     /// With a `state_dir`: if nothing was applied this long after start, load and apply
     /// the last-known-good set. `None`: never.
     pub initial_fetch_timeout: Option<Duration>,
+    /// mTLS with the node's certificate ([`identity::load_or_enroll`]); `None`:
+    /// plaintext. The addresses stay `host:port`/`http://`: the TLS is this client's own.
+    pub tls: Option<Arc<identity::NodeCredentials>>,
 }
 
 impl ClientOptions {
@@ -144,6 +149,7 @@ impl ClientOptions {
             keepalive_timeout: Duration::from_secs(10),
             state_dir: None,
             initial_fetch_timeout: None,
+            tls: None,
         }
     }
 }
@@ -512,10 +518,18 @@ where
             .keep_alive_timeout(self.opts.keepalive_timeout)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
-        let channel = self
-            .wait(async move { endpoint.connect().await })
-            .await
-            .map_err(|e| format!("connecting: {}", error_chain(&e)))?;
+        let channel = match self.opts.tls.clone() {
+            Some(creds) => {
+                let server = server.to_owned();
+                self.wait(async move { creds.connect(endpoint, &server).await })
+                    .await
+                    .map_err(|e| format!("connecting over mTLS: {e}"))?
+            }
+            None => self
+                .wait(async move { endpoint.connect().await })
+                .await
+                .map_err(|e| format!("connecting: {}", error_chain(&e)))?,
+        };
         Ok(AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
