@@ -190,18 +190,26 @@ async fn start(args: &UpArgs, running: &mut Running) -> anyhow::Result<()> {
     let xds_target = loopback_if_unspecified(xds_addr).to_string();
     // The node enrolls like any other: a one-use bootstrap token, pinned to the CA.
     let (node_id, tls) = if secure.1 {
-        let token = control
-            .tokens()
-            .mint_bootstrap(GATEWAY, Duration::from_secs(300), 1)
-            .await
-            .context("minting the node's bootstrap token")?;
-        let opts = IdentityOptions {
-            token: Some(format!("{token}.{}", control.ca().pin())),
-            ..IdentityOptions::new(args.data_dir.join("proxy-state"))
+        let servers = std::slice::from_ref(&xds_target);
+        let stored = IdentityOptions::new(args.data_dir.join("proxy-state"));
+        let creds = match load_or_enroll(&stored, servers).await {
+            Ok(creds) => creds,
+            Err(e) => {
+                tracing::info!(reason = %e, "enrolling the proxy node");
+                let token = control
+                    .tokens()
+                    .mint_bootstrap(GATEWAY, Duration::from_secs(300), 1)
+                    .await
+                    .context("minting the node's bootstrap token")?;
+                let opts = IdentityOptions {
+                    token: Some(format!("{token}.{}", control.ca().pin())),
+                    ..stored
+                };
+                load_or_enroll(&opts, servers)
+                    .await
+                    .context("enrolling the proxy node")?
+            }
         };
-        let creds = load_or_enroll(&opts, std::slice::from_ref(&xds_target))
-            .await
-            .context("enrolling the proxy node")?;
         eprintln!("proxy node identity {}", creds.identity());
         (creds.node_id().to_owned(), Some(Arc::new(creds)))
     } else {

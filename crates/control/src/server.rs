@@ -265,10 +265,9 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     // The store holds Secret resources (TLS keys) and token hashes: owner only.
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(
-            &options.data_dir,
-            std::fs::Permissions::from_mode(0o700),
-        ) {
+        if let Err(e) =
+            std::fs::set_permissions(&options.data_dir, std::fs::Permissions::from_mode(0o700))
+        {
             tracing::warn!(dir = %options.data_dir.display(), error = %e, "cannot restrict the data directory to its owner (0700)");
         }
     }
@@ -419,12 +418,13 @@ pub async fn run(options: ControlOptions) -> Result<ControlHandle, ControlError>
     let app = router(state);
     let api_shutdown = stopped(shutdown_rx.clone());
     let api_task = if let Some(config) = api_tls {
-        let listener =
-            TlsListener::new(api_listener, config, "admin API").map_err(|source| ControlError::Bind {
+        let listener = TlsListener::new(api_listener, config, "admin API").map_err(|source| {
+            ControlError::Bind {
                 what: "admin API",
                 addr: api_addr,
                 source,
-            })?;
+            }
+        })?;
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(api_shutdown)

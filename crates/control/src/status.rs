@@ -25,7 +25,21 @@ struct Condition {
     message: String,
 }
 
+/// The `controllerName` in route parent statuses (Gateway API's GatewayClass
+/// `spec.controllerName`).
+pub const CONTROLLER_NAME: &str = "biplane.dev/gateway-controller";
+
 impl Condition {
+    fn to_json(&self, generation: i64) -> Value {
+        json!({
+            "type": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "observedGeneration": generation,
+        })
+    }
+
     fn new(kind: &'static str, ok: bool, reason: impl Into<String>, message: String) -> Self {
         Condition {
             kind,
@@ -65,11 +79,21 @@ impl<'a> StatusContext<'a> {
         ) {
             return None;
         }
+        let mut parents = None;
         let conditions = match self.world.items.get(key) {
             Some(item) if item.mod_revision >= mod_revision => match &item.resource {
                 Resource::Gateway(_) => self.gateway_conditions(key, mod_revision),
                 r => match RouteRef::from_resource(r) {
-                    Some(route) => self.route_conditions(key, route, mod_revision),
+                    Some(route) => {
+                        let conditions = self.route_conditions(key, route, mod_revision);
+                        parents = Some(self.route_parents(
+                            route,
+                            &conditions[1],
+                            mod_revision,
+                            generation,
+                        ));
+                        conditions
+                    }
                     None => return None,
                 },
             },
@@ -83,15 +107,79 @@ impl<'a> StatusContext<'a> {
                 ),
             }],
         };
-        Some(json!({
-            "conditions": conditions.into_iter().map(|c| json!({
-                "type": c.kind,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message,
-                "observedGeneration": generation,
-            })).collect::<Vec<_>>()
-        }))
+        let mut status = json!({
+            "conditions": conditions.iter().map(|c| c.to_json(generation)).collect::<Vec<_>>()
+        });
+        if let Some(parents) = parents {
+            status["parents"] = Value::Array(parents);
+        }
+        Some(status)
+    }
+
+    /// Gateway API's `status.parents[]` of a route: per parentRef, `Accepted` (its own
+    /// attachment), `ResolvedRefs` (the route's) and `Programmed` (its Gateway's nodes).
+    /// The route-level `status.conditions` is the summary over all parents.
+    fn route_parents(
+        &self,
+        route: RouteRef<'_>,
+        resolved: &Condition,
+        mod_revision: u64,
+        generation: i64,
+    ) -> Vec<Value> {
+        let route_ns = route.metadata().namespace();
+        route
+            .parent_refs()
+            .iter()
+            .map(|parent| {
+                let (accepted, programmed) = match self.world.set.attach_parent_ref(route, parent) {
+                    Ok(pa) => {
+                        let gk = GatewayKey::new(
+                            pa.gateway.metadata.namespace(),
+                            pa.gateway.metadata.name.clone(),
+                        );
+                        (
+                            Condition::new(
+                                "Accepted",
+                                true,
+                                "Accepted",
+                                format!("attached to Gateway {gk}"),
+                            ),
+                            self.programmed(std::slice::from_ref(&gk), mod_revision),
+                        )
+                    }
+                    Err((reason, message)) => (
+                        Condition::new("Accepted", false, reason.condition().1, message),
+                        Condition::new(
+                            "Programmed",
+                            false,
+                            "Pending",
+                            "not attached to this parent".to_owned(),
+                        ),
+                    ),
+                };
+                let mut parent_ref = json!({
+                    "group": parent.group(),
+                    "kind": parent.kind(),
+                    "namespace": parent.namespace(route_ns),
+                    "name": parent.name,
+                });
+                if let Some(section) = &parent.section_name {
+                    parent_ref["sectionName"] = json!(section);
+                }
+                if let Some(port) = parent.port {
+                    parent_ref["port"] = json!(port);
+                }
+                json!({
+                    "parentRef": parent_ref,
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": [
+                        accepted.to_json(generation),
+                        resolved.to_json(generation),
+                        programmed.to_json(generation),
+                    ],
+                })
+            })
+            .collect()
     }
 
     fn problems_of<'p>(&'p self, key: &'p ResourceKey) -> impl Iterator<Item = &'p RefProblem> {

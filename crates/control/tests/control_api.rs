@@ -538,6 +538,41 @@ async fn route_status_reports_attachment_and_references() {
     assert_eq!(acc["status"], "False");
     assert_eq!(acc["reason"], "NoMatchingParent");
 
+    // Gateway API's per-parent status.
+    let parents = web["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 1, "{web}");
+    assert_eq!(parents[0]["parentRef"]["name"], "gw");
+    assert_eq!(parents[0]["parentRef"]["namespace"], "default");
+    assert_eq!(parents[0]["parentRef"]["kind"], "Gateway");
+    assert_eq!(
+        parents[0]["controllerName"],
+        "biplane.dev/gateway-controller"
+    );
+    let types: Vec<_> = parents[0]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("Accepted", "True"),
+            ("ResolvedRefs", "True"),
+            ("Programmed", "False")
+        ]
+    );
+    let orphan_parent = &orphan["status"]["parents"][0];
+    assert_eq!(orphan_parent["parentRef"]["name"], "nogw");
+    assert_eq!(orphan_parent["conditions"][0]["status"], "False");
+    assert!(
+        orphan_parent["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nogw"),
+        "{orphan_parent}"
+    );
+
     let (_, gw) = cp.get("/api/v1/gateways/default/gw").await;
     assert_eq!(condition(&gw, "Accepted")["status"], "True");
     assert_eq!(condition(&gw, "Programmed")["status"], "False");
