@@ -102,6 +102,37 @@ async fn unresolved_backend_is_500() {
 }
 
 #[tokio::test]
+async fn partly_unresolved_weights_answer_500_for_their_share() {
+    let echo = Echo::spawn("A");
+    let rule = r#"  - matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs:
+    - {group: biplane.dev, kind: Backend, name: a, weight: 1}
+    - {group: biplane.dev, kind: Backend, name: ghost, weight: 1}
+"#;
+    let (_proxy, addr) = proxy_for(format!(
+        "{}{}",
+        backend("a", &[(echo.addr, 1)]),
+        route("split", r#"["split.example.com"]"#, "a", rule)
+    ))
+    .await;
+    let c = resolving_client(addr, &["split.example.com"]);
+    let port = addr.port();
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..200 {
+        match get(&c, format!("http://split.example.com:{port}/split")).await {
+            (200, _, _) => ok += 1,
+            (500, reason, _) => {
+                assert_eq!(reason.as_deref(), Some("unknown_cluster"));
+                err += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 1:1 over 200 requests: both shares are well away from 0.
+    assert!(ok > 50 && err > 50, "200s: {ok}, 500s: {err}");
+}
+
+#[tokio::test]
 async fn route_timeout_is_504() {
     let echo = Echo::spawn("A");
     let timeout_rule = r#"  - matches: [{path: {type: PathPrefix, value: /slow}}]

@@ -259,6 +259,10 @@ pub struct Forward {
     /// Hash key sources for RingHash/Maglev, tried in order; the first that yields a
     /// value is used. Empty: a random key.
     pub hash_policy: Vec<HashPolicy>,
+    /// The answer when the picked cluster does not exist (Envoy's
+    /// `cluster_not_found_response_code`): 503 by default; 500 for the share of a
+    /// Gateway API rule whose backendRefs do not resolve.
+    pub cluster_not_found_status: u16,
 }
 
 #[derive(Debug, Clone, Serialize)]

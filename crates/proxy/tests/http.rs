@@ -193,6 +193,7 @@ fn forward(clusters: &[(&str, u32)]) -> cfg::Forward {
         timeout: None,
         per_try_timeout: None,
         hash_policy: vec![],
+        cluster_not_found_status: 503,
     }
 }
 

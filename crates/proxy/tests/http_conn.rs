@@ -98,6 +98,7 @@ fn route_config() -> RouteConfig {
                     timeout: None,
                     per_try_timeout: None,
                     hash_policy: Vec::new(),
+                    cluster_not_found_status: 503,
                 }),
             }],
         }],

@@ -49,10 +49,13 @@
 //!   `retry_policy { num_retries: 0, per_try_timeout }`.
 //! - Backends: resolved `backendRefs` with weight > 0 → `cluster` or `weighted_clusters`.
 //!   A rule where none resolves (missing Backend, unsupported kind), or with no
-//!   backendRefs and no redirect, → `direct_response 500 "backend not found"`. **Partly
-//!   unresolved rules** send all traffic to the resolved backends (weights renormalised):
-//!   a documented deviation from Gateway API, which would answer 500 for the unresolved
-//!   share. Backend `hashOn` (RingHash/Maglev) → `hash_policy` (terminal) on every route
+//!   backendRefs and no redirect, → `direct_response 500 "backend not found"`. In a
+//!   **partly unresolved** rule the unresolved weight goes to the cluster
+//!   `biplane/unresolved-backend`, which never exists, with
+//!   `cluster_not_found_response_code: INTERNAL_SERVER_ERROR`: Gateway API's 500 for that
+//!   share, from Envoy and from our proxy alike (`from_xds` accepts a missing cluster only
+//!   when that code is 500 or 404).
+//!   Backend `hashOn` (RingHash/Maglev) → `hash_policy` (terminal) on every route
 //!   that references it. Clusters use HTTP/2 (`HttpProtocolOptions` explicit http2 under
 //!   `typed_extension_protocol_options`) for `appProtocol: h2c` or when a GRPCRoute
 //!   references them. **Endpoint hostnames are resolved at translation time**

@@ -87,6 +87,10 @@ impl std::error::Error for TranslateErrors {}
 
 /// Body of the local reply for a rule whose backends do not resolve.
 pub const BACKEND_NOT_FOUND_BODY: &str = "backend not found";
+/// The cluster name of the unresolved share of a rule's backendRefs: never a Cluster
+/// resource, so with `cluster_not_found_response_code: INTERNAL_SERVER_ERROR` requests
+/// picked for it are answered 500 (Gateway API), by Envoy and by our proxy alike.
+pub const UNRESOLVED_CLUSTER: &str = "biplane/unresolved-backend";
 
 /// Envoy cluster name of a Backend.
 pub fn cluster_name(namespace: &str, name: &str) -> String {
@@ -693,8 +697,10 @@ impl<'a> Translator<'a> {
         // Backends: resolved refs with weight > 0 share the traffic.
         let mut clusters = Vec::new();
         let mut hash = Vec::new();
+        let mut unresolved_weight = 0u32;
         for b in &rule.backend_refs {
             let Ok(backend) = self.set.resolve_backend(ns, b) else {
+                unresolved_weight = unresolved_weight.saturating_add(b.weight());
                 continue;
             };
             if b.weight() == 0 {
@@ -732,6 +738,20 @@ impl<'a> Translator<'a> {
             ));
             return;
         }
+        // Gateway API: the share of backendRefs that do not resolve is answered with 500,
+        // through a cluster that never exists.
+        let cluster_not_found = if unresolved_weight > 0 {
+            clusters.push(rv3::weighted_cluster::ClusterWeight {
+                name: UNRESOLVED_CLUSTER.to_owned(),
+                weight: Some(pbuf::UInt32Value {
+                    value: unresolved_weight,
+                }),
+                ..Default::default()
+            });
+            rv3::route_action::ClusterNotFoundResponseCode::InternalServerError
+        } else {
+            rv3::route_action::ClusterNotFoundResponseCode::ServiceUnavailable
+        };
         let spec = if clusters.len() == 1 {
             rv3::route_action::ClusterSpecifier::Cluster(clusters.remove(0).name)
         } else {
@@ -746,6 +766,7 @@ impl<'a> Translator<'a> {
         let timeouts = rule.timeouts.as_ref();
         let mut ra = rv3::RouteAction {
             cluster_specifier: Some(spec),
+            cluster_not_found_response_code: cluster_not_found as i32,
             // No timeouts.request: no limit (Envoy's implicit 15 s would cut streams).
             timeout: Some(duration(
                 timeouts

@@ -356,11 +356,15 @@ spec:
         .iter()
         .map(|c| c.name.as_str())
         .collect();
+    // Gateway API: the unresolved half is answered 500, through a cluster that never
+    // exists and the route's cluster-not-found status.
     assert_eq!(
         names,
-        vec!["backend/default/a"],
-        "resolved share only (documented deviation)"
+        vec!["backend/default/a", "biplane/unresolved-backend"]
     );
+    let weights: Vec<_> = forward(partial).clusters.iter().map(|c| c.weight).collect();
+    assert_eq!(weights, vec![50, 50]);
+    assert_eq!(forward(partial).cluster_not_found_status, 500);
     assert_eq!(
         c.clusters.len(),
         1,

@@ -16,8 +16,8 @@ pub enum HttpError {
     NoRoute { host: String, path: String },
     #[error("route config {0} not found")]
     NoRouteConfig(String),
-    #[error("cluster {0} not found")]
-    UnknownCluster(String),
+    #[error("cluster {name} not found")]
+    UnknownCluster { name: String, status: StatusCode },
     #[error("no healthy endpoint in cluster {0}")]
     NoHealthyEndpoint(String),
     #[error("upstream connect failure: {0}")]
@@ -36,9 +36,10 @@ impl HttpError {
     pub fn status(&self) -> StatusCode {
         match self {
             HttpError::NoRoute { .. } | HttpError::NoRouteConfig(_) => StatusCode::NOT_FOUND,
-            HttpError::UnknownCluster(_)
-            | HttpError::NoHealthyEndpoint(_)
-            | HttpError::ConnectFailure(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::UnknownCluster { status, .. } => *status,
+            HttpError::NoHealthyEndpoint(_) | HttpError::ConnectFailure(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HttpError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             HttpError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -51,7 +52,7 @@ impl HttpError {
         match self {
             HttpError::NoRoute { .. } => "no_route",
             HttpError::NoRouteConfig(_) => "no_route_config",
-            HttpError::UnknownCluster(_) => "unknown_cluster",
+            HttpError::UnknownCluster { .. } => "unknown_cluster",
             HttpError::NoHealthyEndpoint(_) => "no_healthy_upstream",
             HttpError::ConnectFailure(_) => "upstream_connect_failure",
             HttpError::Timeout => "upstream_timeout",
@@ -113,7 +114,10 @@ mod tests {
                 "upstream_connect_failure",
             ),
             (
-                HttpError::UnknownCluster("c".into()),
+                HttpError::UnknownCluster {
+                    name: "c".into(),
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                },
                 503,
                 "unknown_cluster",
             ),

@@ -135,6 +135,8 @@ pub struct Forward {
     /// min(request timeout, per-try timeout): there is one attempt per request.
     pub timeout: Option<Duration>,
     pub hash_policy: Vec<HashPolicy>,
+    /// The answer when the picked target's cluster does not exist.
+    pub cluster_not_found: StatusCode,
 }
 
 impl Forward {
@@ -543,6 +545,8 @@ fn compile_route(
             Action::Forward(Forward {
                 targets,
                 total_weight,
+                cluster_not_found: StatusCode::from_u16(f.cluster_not_found_status)
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 path_rewrite: f
                     .path_rewrite
                     .as_ref()
@@ -938,6 +942,7 @@ mod tests {
             host_rewrite: None,
             timeout: None,
             hash_policy: vec![],
+            cluster_not_found: StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut counts = [0usize; 3];
         for _ in 0..40_000 {

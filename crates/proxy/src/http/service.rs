@@ -311,11 +311,17 @@ async fn forward<'s>(
     let target = fwd
         .targets
         .get(ti)
-        .ok_or_else(|| HttpError::UnknownCluster(String::new()))?;
+        .ok_or_else(|| HttpError::UnknownCluster {
+            name: String::new(),
+            status: fwd.cluster_not_found,
+        })?;
     let cluster = target
         .cluster
         .as_ref()
-        .ok_or_else(|| HttpError::UnknownCluster(target.name.to_string()))?;
+        .ok_or_else(|| HttpError::UnknownCluster {
+            name: target.name.to_string(),
+            status: fwd.cluster_not_found,
+        })?;
     let hash = if fwd.hash_policy.is_empty() {
         None
     } else {

@@ -627,7 +627,7 @@ fn route_action(
     use rv3::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as HR};
     let start = cx.error_count();
     let rv3::RouteAction {
-        cluster_not_found_response_code: _, // references are checked: a named cluster always exists
+        cluster_not_found_response_code,
         metadata_match,
         prefix_rewrite,
         regex_rewrite,
@@ -682,10 +682,31 @@ fn route_action(
         max_stream_duration,
     );
 
+    // A missing cluster is an error unless the route says what to answer for it (500
+    // or 404): how a Gateway API rule's unresolved backendRefs keep their share.
+    use rv3::route_action::ClusterNotFoundResponseCode as Nf;
+    let cluster_not_found_status = match Nf::try_from(*cluster_not_found_response_code) {
+        Ok(Nf::ServiceUnavailable) => 503,
+        Ok(Nf::NotFound) => 404,
+        Ok(Nf::InternalServerError) => 500,
+        Err(_) => {
+            cx.err(
+                &at(path, "cluster_not_found_response_code"),
+                format!("unknown value {cluster_not_found_response_code}"),
+            );
+            503
+        }
+    };
+    let missing_ok = cluster_not_found_status != 503;
+    let check_cluster = |cx: &mut Ctx<'_>, path: &str, name: &str| {
+        if !missing_ok {
+            check_cluster(cx, path, name, clusters);
+        }
+    };
     let mut out_clusters = Vec::new();
     match cluster_specifier {
         Some(C::Cluster(c)) => {
-            check_cluster(cx, &at(path, "cluster"), c, clusters);
+            check_cluster(cx, &at(path, "cluster"), c);
             out_clusters.push(cfg::WeightedCluster {
                 name: c.clone(),
                 weight: 1,
@@ -726,7 +747,7 @@ fn route_action(
                     typed_per_filter_config,
                     host_rewrite_specifier,
                 );
-                check_cluster(cx, &at(&cp, "name"), name, clusters);
+                check_cluster(cx, &at(&cp, "name"), name);
                 // Envoy: an unset weight counts as 0.
                 out_clusters.push(cfg::WeightedCluster {
                     name: name.clone(),
@@ -907,6 +928,7 @@ fn route_action(
         timeout,
         per_try_timeout,
         hash_policy: hashes,
+        cluster_not_found_status,
     })
 }
 
