@@ -337,6 +337,9 @@ struct SessionEnd {
     message: String,
     /// The server does not implement the RPC (fall back from Delta to SotW).
     unimplemented: bool,
+    /// The server refused this node (`PERMISSION_DENIED`: revoked, or an identity
+    /// mismatch).
+    denied: bool,
 }
 
 impl SessionEnd {
@@ -344,6 +347,7 @@ impl SessionEnd {
         SessionEnd {
             message: message.into(),
             unimplemented: false,
+            denied: false,
         }
     }
 
@@ -351,6 +355,7 @@ impl SessionEnd {
         SessionEnd {
             message: format!("{:?}: {}", s.code(), s.message()),
             unimplemented: s.code() == tonic::Code::Unimplemented,
+            denied: s.code() == tonic::Code::PermissionDenied,
         }
     }
 }
@@ -397,17 +402,33 @@ where
                 s.server = Some(server.clone());
                 s.protocol = protocol;
             });
-            let end = match self.connect(&server).await {
+            let mut end = match self.connect(&server).await {
                 Ok(ads) => match protocol {
                     Protocol::Delta => self.delta_session(ads).await,
                     Protocol::Sotw => self.sotw_session(ads).await,
                 },
                 Err(e) => SessionEnd::msg(e),
             };
+            if self.opts.tls.is_none()
+                && !self.progressed
+                && (end.message.contains("h2 protocol error")
+                    || end.message.contains("operation was canceled"))
+            {
+                end.message.push_str(
+                    " (plaintext xDS: if the control plane serves TLS, enroll with --token instead of --insecure)",
+                );
+            }
             self.status.send_modify(|s| {
                 s.connected = false;
                 s.last_error = Some(end.message.clone());
             });
+            if end.denied && self.applied.is_none() && self.lkg_deadline.is_some() {
+                // A node the control plane refuses (revoked) must not come back on its
+                // saved config by restarting: no last-known-good fallback from now on.
+                tracing::error!(server, error = %end.message,
+                    "the control plane refused this node: not serving the last-known-good config");
+                self.lkg_deadline = None;
+            }
             if end.unimplemented && protocol == Protocol::Delta {
                 tracing::warn!(
                     server,
