@@ -119,7 +119,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!(
         "CLI config in {} (server, CA, admin token file)",
-        data_dir.join(biplane_control::server::CLIENT_CONFIG_FILE).display()
+        data_dir
+            .join(biplane_control::server::CLIENT_CONFIG_FILE)
+            .display()
     );
     eprintln!("CA pin sha256:{}", handle.ca().pin());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

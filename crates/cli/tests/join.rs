@@ -906,7 +906,9 @@ async fn up_serves_the_quickstart_and_stops_on_sigint() {
     // Secure by default: the node enrolled and speaks mTLS; the CLI finds the server, the
     // CA and the admin token through the client config the control plane wrote.
     assert!(
-        up.stderr.text().contains("proxy node identity spiffe://biplane.local/gateway/default/default/node/"),
+        up.stderr
+            .text()
+            .contains("proxy node identity spiffe://biplane.local/gateway/default/default/node/"),
         "{}",
         up.stderr.text()
     );
