@@ -119,6 +119,11 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                // Small answers (an `Enroll` reply, its trailers) must not wait for the
+                // peer's delayed ACK (Nagle).
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(listener = what, %peer, error = %e, "cannot set TCP_NODELAY");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -205,6 +205,10 @@ pub fn normalize_gateway(gateway: &str) -> Result<String, TokenError> {
 pub struct Tokens {
     store: Arc<dyn Store>,
     rng: SystemRandom,
+    /// Serialises bootstrap uses in this process, so a burst of nodes enrolling with one
+    /// token does not spin on compare-and-swap conflicts (other replicas still race, and
+    /// lose a CAS now and then: those retry with backoff).
+    consume: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for Tokens {
@@ -219,6 +223,7 @@ impl Tokens {
         Tokens {
             store,
             rng: SystemRandom::new(),
+            consume: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -327,7 +332,15 @@ impl Tokens {
 
     /// Uses one enrollment of a bootstrap token, atomically.
     pub async fn consume_bootstrap(&self, token: &str) -> Result<BootstrapGrant, TokenError> {
-        for _ in 0..ATTEMPTS {
+        let _serial = self.consume.lock().await;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                // Lost a race with another replica: back off a little, with jitter.
+                let mut b = [0u8; 1];
+                let _ = self.rng.fill(&mut b);
+                let ms = (5u64 << attempt.min(5)) + u64::from(b[0] % 16);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let (record, mod_revision, key) = self.lookup(token).await?;
             let TokenRecord::Bootstrap {
                 gateway,
