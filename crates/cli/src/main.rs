@@ -56,10 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -88,6 +85,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime. `biplane proxy` with one worker — one core available to the process
+/// (e.g. pinned with `taskset`), or `TOKIO_WORKER_THREADS=1` — runs on a current-thread
+/// runtime, like one NGINX worker: tasks are polled on the thread that is woken, without
+/// the multi-thread scheduler's queues, stealing and cross-thread wake-ups. Everything
+/// else, and a proxy with more cores, runs on the multi-thread runtime.
+fn build_runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    if matches!(command, Command::Proxy(_)) && proxy_workers() == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Worker threads the proxy gets: `TOKIO_WORKER_THREADS` (what tokio's multi-thread
+/// runtime reads too), else the cores this process may run on.
+fn proxy_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
 /// Logs go to stderr (stdout is for access logs and machine-readable output). The filter

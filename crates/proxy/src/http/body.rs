@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 
 use super::conn::InFlight;
 use super::log::LogEntry;
+use super::upstream::UpstreamBody;
 use crate::lb::LoadGuard;
 
 /// The downstream request body on its way upstream.
@@ -78,7 +79,7 @@ impl Body for RequestBody {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
 }
 
 /// Work done once when the response is over.
@@ -132,7 +133,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(inner: Incoming) -> Self {
+    pub fn upstream(inner: UpstreamBody) -> Self {
         Self {
             kind: Kind::Upstream(inner),
             sent: 0,

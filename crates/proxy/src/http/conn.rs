@@ -1,17 +1,21 @@
-//! One downstream HTTP connection: hyper's auto (HTTP/1.1 + h2/h2c) server, configured from
-//! the `HttpConnectionManager`, plus what hyper lacks: an idle timeout for keep-alive
+//! One downstream HTTP connection: hyper's HTTP/1.1 or HTTP/2 server (h2 by ALPN, or h2c
+//! prior knowledge told apart from HTTP/1.1 by the first bytes), configured from the
+//! `HttpConnectionManager`, plus what hyper lacks: an idle timeout for keep-alive
 //! connections, the HTTP/1 framing guard, and graceful shutdown on the drain signal.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use biplane_config::HttpConnectionManager;
+use bytes::{Buf, Bytes};
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::guard::{GuardShared, GuardedIo};
 use crate::{ConnInfo, Shared};
@@ -142,26 +146,98 @@ pub async fn serve_connection<IO>(
         h1_seq: AtomicU64::new(0),
     });
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(hcm.request_headers_timeout.filter(|d| !d.is_zero()))
-        .max_buf_size(max_head.max(MIN_H1_BUF))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
-    if alpn_h2 {
-        builder = builder.http2_only();
-    }
-
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| super::service::handle(req, svc_ctx.clone()));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(connection);
+    let far = Duration::from_secs(86_400 * 365);
+    let idle_sleep = tokio::time::sleep(idle_timeout.unwrap_or(far));
+    tokio::pin!(idle_sleep);
 
+    // HTTP/1.1 or h2c prior knowledge: decided on the first bytes, read here with a full
+    // buffer and replayed to hyper (one read, where hyper-util's auto server read the
+    // 24-byte preface length first and then the rest: a syscall more per connection).
+    let mut io = io;
+    let (h2, prefix) = if alpn_h2 {
+        (true, Bytes::new())
+    } else {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        tokio::select! {
+            sniffed = sniff(&mut io) => match sniffed {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(peer = %ctx.info.peer, error = %e, "downstream connection ended with error");
+                    return;
+                }
+            },
+            // A connection that has sent nothing yet is closed at once on drain, or when
+            // idle for the idle timeout.
+            () = drain_requested(&mut shutdown) => return,
+            () = &mut idle_sleep, if idle_timeout.is_some() => return,
+        }
+    };
+    let io = TokioIo::new(Prefixed { prefix, io });
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+        let connection = builder.serve_connection(io, svc);
+        drive(connection, &ctx, shutdown, idle_timeout, idle_sleep).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(hcm.request_headers_timeout.filter(|d| !d.is_zero()))
+            .max_buf_size(max_head.max(MIN_H1_BUF))
+            .keep_alive(true);
+        let connection = builder.serve_connection(io, svc).with_upgrades();
+        drive(connection, &ctx, shutdown, idle_timeout, idle_sleep).await;
+    }
+}
+
+/// A hyper server connection that can be told to finish gracefully.
+trait ServerConnection: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> ServerConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> ServerConnection for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Runs a server connection to its end, starting a graceful shutdown on drain or after the
+/// idle timeout without a request in flight.
+async fn drive<C: ServerConnection>(
+    connection: C,
+    ctx: &ConnCtx,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    idle_timeout: Option<Duration>,
+    mut idle_sleep: Pin<&mut tokio::time::Sleep>,
+) {
+    tokio::pin!(connection);
     let mut draining = false;
     let mut watch_shutdown = true;
     if *shutdown.borrow_and_update() {
@@ -169,8 +245,6 @@ pub async fn serve_connection<IO>(
         draining = true;
     }
     let far = Duration::from_secs(86_400 * 365);
-    let idle_sleep = tokio::time::sleep(idle_timeout.unwrap_or(far));
-    tokio::pin!(idle_sleep);
     loop {
         tokio::select! {
             res = connection.as_mut() => {
@@ -203,5 +277,101 @@ pub async fn serve_connection<IO>(
                 }
             }
         }
+    }
+}
+
+/// Resolves when a drain is requested; never if the sender is gone.
+async fn drain_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+    }
+}
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The first read's size: a whole ordinary request head in one read.
+const SNIFF_BUF: usize = 2048;
+
+/// Reads the first bytes of a connection (until they tell the protocol: usually one read)
+/// and says whether they start the HTTP/2 preface. Returns the bytes read, for hyper.
+async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<(bool, Bytes)> {
+    let mut buf = [0u8; SNIFF_BUF];
+    let mut n = 0;
+    loop {
+        let read = io.read(&mut buf[n..]).await?;
+        n += read;
+        let seen = &buf[..n];
+        let common = seen.len().min(H2_PREFACE.len());
+        if read == 0 || seen[..common] != H2_PREFACE[..common] {
+            // EOF (hyper sees it next), or not the preface: HTTP/1.x.
+            return Ok((false, Bytes::copy_from_slice(seen)));
+        }
+        if common == H2_PREFACE.len() {
+            return Ok((true, Bytes::copy_from_slice(seen)));
+        }
+    }
+}
+
+/// Replays the sniffed bytes before reading on from the connection.
+struct Prefixed<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }

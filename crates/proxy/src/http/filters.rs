@@ -49,36 +49,97 @@ impl HeaderMutation {
     }
 }
 
+/// The hop-by-hop headers this proxy always handles itself (whatever `Connection` names),
+/// in the bit order of [`hop_bit`].
+const HOP_BY_HOP: [&[u8]; 6] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"upgrade",
+    b"te",
+];
+const CONNECTION_BIT: u8 = 1;
+const KEEP_ALIVE_BIT: u8 = 1 << 1;
+const PROXY_CONNECTION_BIT: u8 = 1 << 2;
+const TRANSFER_ENCODING_BIT: u8 = 1 << 3;
+const UPGRADE_BIT: u8 = 1 << 4;
+const TE_BIT: u8 = 1 << 5;
+
+/// The bit of a hop-by-hop header name (0 for any other name).
+fn hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => CONNECTION_BIT,
+        "keep-alive" => KEEP_ALIVE_BIT,
+        "proxy-connection" => PROXY_CONNECTION_BIT,
+        "transfer-encoding" => TRANSFER_ENCODING_BIT,
+        "upgrade" => UPGRADE_BIT,
+        "te" => TE_BIT,
+        _ => 0,
+    }
+}
+
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1, as Envoy does): `Connection` and every header
 /// it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` and `TE`
 /// (a request's `te: trailers` is kept: gRPC needs it). When `upgrade` is true (a WebSocket
 /// handshake or its 101 answer) `Upgrade` survives and `Connection: upgrade` is re-set.
+///
+/// Per request and per response, so the common cases are cheap: one scan of the names
+/// (cheaper than a hashed lookup per hop-by-hop name) and lookups only for what is there;
+/// no allocation when `Connection` only names what goes anyway (`keep-alive`, `close`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        // Rare on HTTP/1.1 keep-alive traffic; the allocation is only paid when present.
-        let named: Vec<HeaderName> = headers
+    // Which hop-by-hop names are present, in one scan of the names: each removal below is
+    // then a hashed lookup only for a header that is there.
+    let present = headers.keys().fold(0u8, |acc, k| acc | hop_bit(k));
+    if present & CONNECTION_BIT != 0 {
+        let mut others = false;
+        let mut close = false;
+        for t in headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
-            .filter(|n| !(keep_te_trailers && n == header::TE))
-            .collect();
-        for n in named {
-            headers.remove(n);
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        {
+            let t = t.trim_ascii();
+            if t.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !t.is_empty() && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h)) {
+                others = true;
+            }
+        }
+        if close {
+            headers.remove("close");
+        }
+        if others {
+            // Rare: `Connection` names end-to-end headers; the allocation is paid then only.
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| hop_bit(n) == 0)
+                .collect();
+            for n in named {
+                headers.remove(n);
+            }
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    headers.remove(header::TRANSFER_ENCODING);
+    if present & KEEP_ALIVE_BIT != 0 {
+        headers.remove("keep-alive");
+    }
+    if present & PROXY_CONNECTION_BIT != 0 {
+        headers.remove("proxy-connection");
+    }
+    if present & TRANSFER_ENCODING_BIT != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
-    if headers.contains_key(header::TE) {
+    if present & TE_BIT != 0 {
         let trailers = keep_te_trailers
             && headers.get_all(header::TE).iter().any(|v| {
                 v.as_bytes()
@@ -102,6 +163,9 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         })
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// Set `x-forwarded-for` and `x-forwarded-proto`.
 ///
 /// With `use_remote_address` (an edge proxy) the peer IP is appended to
@@ -116,32 +180,31 @@ pub fn set_forwarded(
     proto: &HeaderValue,
 ) {
     if use_remote_address {
-        let xff = HeaderName::from_static("x-forwarded-for");
-        match headers.get(&xff) {
-            None => {
-                headers.insert(xff, peer_ip.clone());
+        // One hashed lookup for the common case (no x-forwarded-for yet).
+        match headers.entry(X_FORWARDED_FOR) {
+            header::Entry::Vacant(e) => {
+                e.insert(peer_ip.clone());
             }
-            Some(prev) => {
+            header::Entry::Occupied(mut e) => {
                 // Several x-forwarded-for lines are folded into one, in order.
                 let mut v: Vec<u8> = Vec::with_capacity(64);
-                for (i, p) in headers.get_all(&xff).iter().enumerate() {
+                for (i, p) in e.iter().enumerate() {
                     if i > 0 {
                         v.extend_from_slice(b", ");
                     }
                     v.extend_from_slice(p.as_bytes());
                 }
-                let _ = prev;
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(peer_ip.as_bytes());
                 if let Ok(hv) = HeaderValue::from_bytes(&v) {
-                    headers.insert(xff, hv);
+                    e.insert(hv);
                 }
             }
         }
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), proto.clone());
+        headers.insert(X_FORWARDED_PROTO, proto.clone());
     } else {
         headers
-            .entry(HeaderName::from_static("x-forwarded-proto"))
+            .entry(X_FORWARDED_PROTO)
             .or_insert_with(|| proto.clone());
     }
 }
@@ -314,6 +377,37 @@ mod tests {
         let mut h = headers(&[("te", "trailers")]);
         strip_hop_by_hop(&mut h, false, false);
         assert!(h.get("te").is_none(), "responses never carry te");
+    }
+
+    #[test]
+    fn hop_by_hop_fast_paths() {
+        // Nothing hop-by-hop: untouched.
+        let mut h = headers(&[("host", "a"), ("x-keep", "yes")]);
+        strip_hop_by_hop(&mut h, false, true);
+        assert_eq!(h.len(), 2);
+        // An upgrade without hop-by-hop headers still gets `Connection: upgrade`.
+        strip_hop_by_hop(&mut h, true, true);
+        assert_eq!(h["connection"], "upgrade");
+        // `Connection` naming only what goes anyway (any case), and `close`.
+        let mut h = headers(&[
+            ("connection", "Keep-Alive, close"),
+            ("keep-alive", "timeout=5"),
+            ("close", "named by connection"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"], "{h:?}");
+        // `Connection` naming an end-to-end header next to `close`.
+        let mut h = headers(&[
+            ("connection", "close"),
+            ("connection", "X-Private"),
+            ("x-private", "secret"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, false, true);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["te"], "{h:?}");
     }
 
     #[test]

@@ -370,18 +370,18 @@ async fn forward<'s>(
         Some(rw) => rw.apply(&pq).unwrap_or(pq),
         None => pq,
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = if h2_upstream {
+    parts.uri = if h2_upstream {
         // `:authority` carries the host; a Host header next to it would be redundant.
         let host = headers_host(&mut parts.headers);
-        Some(host.unwrap_or_else(|| ep.authority.clone()))
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(host.unwrap_or_else(|| ep.authority.clone()));
+        uri.path_and_query = Some(pq);
+        Uri::from_parts(uri).map_err(|_| HttpError::BadRequest("unusable request target"))?
     } else {
-        Some(ep.authority.clone())
+        // HTTP/1.1 upstream: origin-form; the pool picked the connection by endpoint.
+        Uri::from(pq)
     };
-    uri.path_and_query = Some(pq);
-    parts.uri =
-        Uri::from_parts(uri).map_err(|_| HttpError::BadRequest("unusable request target"))?;
     parts.version = if h2_upstream {
         Version::HTTP_2
     } else {
@@ -396,7 +396,7 @@ async fn forward<'s>(
     out.received = received.clone();
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
 
-    let fut = cluster.send(ep, upstream_req);
+    let fut = cluster.send(ep, upstream_req, upgrade);
     let res = match fwd.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,

@@ -1,25 +1,31 @@
 //! Upstream side: a compiled cluster ([`ClusterState`]: endpoints, balancer, connection
 //! pool) and the connector that dials the picked endpoint.
 //!
-//! HTTP/1.1 clusters use one pooled `hyper_util` legacy client (keep-alive): the request
-//! URI's authority is the *endpoint address* (pre-built per endpoint), so the pool keys
-//! connections by endpoint and the connector dials exactly the endpoint the balancer picked;
-//! the downstream `Host` travels in the `Host` header (the client never invents one,
-//! `set_host(false)`). HTTP/2 clusters (prior knowledge, e.g. gRPC) keep one multiplexed
-//! connection per endpoint here, so `:authority` is the downstream authority.
+//! HTTP/1.1 clusters keep their own pool of idle keep-alive connections per endpoint
+//! ([`H1Pool`]): `hyper::client::conn::http1` connections that are *not* spawned as tasks.
+//! The request's task drives its upstream connection itself — while sending the request,
+//! then through the response body ([`UpstreamBody`]) — and puts it back into the pool when
+//! the response is over. So an upstream exchange costs no task wake-ups, no channel hop to a
+//! connection task and no checkout future (what hyper-util's legacy client does). The
+//! downstream `Host` travels in the `Host` header; the URI is origin-form. HTTP/2 clusters
+//! (prior knowledge, e.g. gRPC) keep one multiplexed connection per endpoint here, so
+//! `:authority` is the downstream authority.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::Authority;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::client::conn::http2::SendRequest;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,6 +37,8 @@ use crate::metrics::{ClusterLabels, Metrics};
 
 /// Default for `Cluster.idle_timeout` when unset.
 const DEFAULT_POOL_IDLE: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per endpoint at most; more are closed when released.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
 /// Why dialing an endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +84,7 @@ pub(crate) struct UpEndpoint {
     /// Position in the cluster's endpoint list.
     pub idx: usize,
     pub addr: SocketAddr,
-    /// `addr` as a URI authority (pool key), built once.
+    /// `addr` as a URI authority (the HTTP/2 `:authority` fallback), built once.
     pub authority: Authority,
 }
 
@@ -91,15 +99,11 @@ pub struct ClusterState {
     pub(crate) stats: ClusterStats,
 }
 
-/// Connection pools: hyper-util's keep-alive pool for HTTP/1.1; for HTTP/2 one multiplexed
+/// Connection pools: our keep-alive pool for HTTP/1.1; for HTTP/2 one multiplexed
 /// connection per endpoint, owned here so that the request URI can carry the downstream
 /// authority (`:authority`) rather than the endpoint address.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one per cluster; boxing adds a pointer chase per request"
-)]
 enum Pool {
-    H1(Client<Connector, RequestBody>),
+    H1(Arc<H1Pool>),
     H2 {
         slots: Box<[H2Slot]>,
         connector: Arc<ConnectorInner>,
@@ -190,14 +194,12 @@ impl ClusterState {
             stats: stats.clone(),
         });
         let pool = match c.protocol {
-            biplane_config::UpstreamProtocol::Http1 => {
-                let mut b = Client::builder(TokioExecutor::new());
-                b.pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(c.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE))
-                    .set_host(false);
-                Pool::H1(b.build(Connector { inner }))
-            }
+            biplane_config::UpstreamProtocol::Http1 => Pool::H1(Arc::new(H1Pool {
+                slots: c.endpoints.iter().map(|_| H1Slot::default()).collect(),
+                connector: inner,
+                idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE),
+                reaper: AtomicBool::new(false),
+            })),
             biplane_config::UpstreamProtocol::Http2 => Pool::H2 {
                 slots: c.endpoints.iter().map(|_| H2Slot::default()).collect(),
                 connector: inner,
@@ -241,22 +243,18 @@ impl ClusterState {
         Some((self.endpoints.get(i)?, g))
     }
 
-    /// Send a request to endpoint `ep`. For HTTP/1.1 the URI authority must be the
-    /// endpoint's (the pool key); for HTTP/2 it is the `:authority` sent upstream.
+    /// Send a request to endpoint `ep` (URI in origin form for HTTP/1.1; for HTTP/2 the
+    /// authority is the `:authority` sent upstream). `upgrade`: an HTTP/1.1 upgrade request
+    /// (WebSocket): it gets a connection of its own, which becomes the tunnel.
     pub(crate) async fn send(
         &self,
         ep: &UpEndpoint,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+        upgrade: bool,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         match &self.pool {
-            Pool::H1(client) => client.request(req).await.map_err(|e| {
-                let msg = std::error::Error::source(&e).map_or_else(|| e.to_string(), chain);
-                if e.is_connect() {
-                    SendError::Connect(msg)
-                } else {
-                    SendError::Protocol(msg)
-                }
-            }),
+            Pool::H1(pool) if upgrade => pool.send_upgrade(ep, req).await,
+            Pool::H1(pool) => pool.send(ep, req).await,
             Pool::H2 { slots, connector } => {
                 let slot = slots
                     .get(ep.idx)
@@ -296,6 +294,7 @@ impl ClusterState {
                 sender
                     .send_request(req)
                     .await
+                    .map(|res| res.map(UpstreamBody::plain))
                     .map_err(|e| SendError::Protocol(chain(&e)))
             }
         }
@@ -321,13 +320,8 @@ impl ClusterState {
 // Connector
 // ---------------------------------------------------------------------------------------
 
-/// Dials the endpoint named by the URI authority, with the cluster's connect timeout and
-/// `TCP_NODELAY`, counting connections and failures.
-#[derive(Clone)]
-pub struct Connector {
-    inner: Arc<ConnectorInner>,
-}
-
+/// Dials endpoints with the cluster's connect timeout and `TCP_NODELAY`, counting
+/// connections and failures.
 struct ConnectorInner {
     connect_timeout: Duration,
     stats: ClusterStats,
@@ -351,28 +345,6 @@ impl ConnectorInner {
     }
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = UpstreamConn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamConn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// Boxed: this runs once per new upstream connection, not per request.
-    fn call(&mut self, dst: http::Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let auth = dst.authority().map(Authority::as_str).unwrap_or("");
-            let addr: SocketAddr = auth
-                .parse()
-                .map_err(|_| ConnectError::BadAddress(auth.to_owned()))?;
-            inner.connect(addr).await
-        })
-    }
-}
-
 async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -392,12 +364,6 @@ pub struct UpstreamConn {
 impl Drop for UpstreamConn {
     fn drop(&mut self) {
         self.active.dec();
-    }
-}
-
-impl Connection for UpstreamConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 
@@ -438,5 +404,452 @@ impl Write for UpstreamConn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP/1.1 pool
+// ---------------------------------------------------------------------------------------
+
+/// The idle HTTP/1.1 connections of a cluster, per endpoint. A connection is either idle
+/// here (nobody polls it) or leased to one request, whose task drives it. Locks are held
+/// only to push or pop, never across an await.
+struct H1Pool {
+    slots: Box<[H1Slot]>,
+    connector: Arc<ConnectorInner>,
+    /// Idle connections older than this are closed (on checkout, or by the reaper).
+    idle_timeout: Duration,
+    /// A reaper task is running (started with the first idle connection, stops when the
+    /// pool is empty or dropped).
+    reaper: AtomicBool,
+}
+
+#[derive(Default)]
+struct H1Slot {
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    conn: Box<H1Conn>,
+    since: Instant,
+}
+
+/// One upstream HTTP/1.1 connection: hyper's request handle and its (unspawned) driver.
+/// Boxed once per connection (the driver is most of a kilobyte), so leasing and returning
+/// it moves a pointer.
+struct H1Conn {
+    sender: http1::SendRequest<RequestBody>,
+    conn: http1::Connection<UpstreamConn, RequestBody>,
+}
+
+impl H1Conn {
+    /// Drives the connection's I/O. `true` once it is finished (closed or failed); it must
+    /// not be polled again then.
+    fn poll_finished(
+        conn: &mut http1::Connection<UpstreamConn, RequestBody>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        match Pin::new(conn).poll(cx) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "upstream connection ended with error");
+                true
+            }
+        }
+    }
+}
+
+impl H1Pool {
+    fn slot(&self, idx: usize) -> Option<MutexGuard<'_, Vec<Idle>>> {
+        let slot = self.slots.get(idx)?;
+        Some(match slot.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        })
+    }
+
+    /// A live idle connection to endpoint `idx` (the most recently used first), polled
+    /// once with `cx` to see that the upstream has not closed it.
+    fn take(&self, idx: usize, cx: &mut Context<'_>) -> Option<Box<H1Conn>> {
+        loop {
+            let mut slot = self.slot(idx)?;
+            let idle = slot.pop()?;
+            if idle.since.elapsed() >= self.idle_timeout {
+                // The rest are older still: close them all, outside the lock.
+                let stale = std::mem::take(&mut *slot);
+                drop(slot);
+                drop((idle, stale));
+                return None;
+            }
+            drop(slot);
+            let mut c = idle.conn;
+            if !H1Conn::poll_finished(&mut c.conn, cx) && c.sender.is_ready() {
+                return Some(c);
+            }
+        }
+    }
+
+    /// Returns a connection whose exchange is over. Kept if it is still open and ready
+    /// for a request (the upstream did not ask to close), else closed.
+    fn put(self: &Arc<Self>, idx: usize, mut c: Box<H1Conn>, cx: &mut Context<'_>) {
+        if H1Conn::poll_finished(&mut c.conn, cx) || !c.sender.is_ready() {
+            return;
+        }
+        let Some(mut slot) = self.slot(idx) else {
+            return;
+        };
+        if slot.len() >= MAX_IDLE_PER_ENDPOINT {
+            drop(slot);
+            return;
+        }
+        slot.push(Idle {
+            conn: c,
+            since: Instant::now(),
+        });
+        drop(slot);
+        if !self.reaper.swap(true, Ordering::AcqRel) {
+            self.start_reaper();
+        }
+    }
+
+    /// Closes idle connections past the idle timeout, now and then, until the pool is
+    /// empty or gone.
+    fn start_reaper(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.reaper.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let period =
+            (self.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = weak.upgrade() else { break };
+                if pool.evict_expired() {
+                    continue;
+                }
+                // Empty: stop, unless a connection came back meanwhile.
+                pool.reaper.store(false, Ordering::Release);
+                if !pool.has_idle() || pool.reaper.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Closes expired idle connections; `true` if some remain.
+    fn evict_expired(&self) -> bool {
+        let mut left = false;
+        for idx in 0..self.slots.len() {
+            let Some(mut slot) = self.slot(idx) else {
+                continue;
+            };
+            let keep = slot
+                .iter()
+                .position(|i| i.since.elapsed() < self.idle_timeout)
+                .unwrap_or(slot.len());
+            // Oldest first: everything before `keep` has expired.
+            let stale: Vec<Idle> = slot.drain(..keep).collect();
+            left |= !slot.is_empty();
+            drop(slot);
+            drop(stale);
+        }
+        left
+    }
+
+    fn has_idle(&self) -> bool {
+        (0..self.slots.len()).any(|i| self.slot(i).is_some_and(|s| !s.is_empty()))
+    }
+
+    async fn dial(&self, ep: &UpEndpoint) -> Result<Box<H1Conn>, SendError> {
+        let io = self
+            .connector
+            .connect(ep.addr)
+            .await
+            .map_err(|e| SendError::Connect(chain(&e)))?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(chain(&e)))?;
+        Ok(Box::new(H1Conn { sender, conn }))
+    }
+
+    /// One exchange on a pooled (or new) connection, driven by this task. A pooled
+    /// connection that turns out closed before the request was written is discarded and the
+    /// request tried on the next one.
+    async fn send(
+        self: &Arc<Self>,
+        ep: &UpEndpoint,
+        mut req: http::Request<RequestBody>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        loop {
+            let pooled = std::future::poll_fn(|cx| Poll::Ready(self.take(ep.idx, cx))).await;
+            let reused = pooled.is_some();
+            let mut c = match pooled {
+                Some(c) => c,
+                // Boxed: dialing (connect + timeout) is most of this future's size, and
+                // the future is moved on every request while dialing is rare.
+                None => Box::pin(self.dial(ep)).await?,
+            };
+            let mut exchange = std::pin::pin!(c.sender.try_send_request(req));
+            let mut finished = false;
+            let res = std::future::poll_fn(|cx| {
+                if !finished {
+                    finished = H1Conn::poll_finished(&mut c.conn, cx);
+                }
+                exchange.as_mut().poll(cx)
+            })
+            .await;
+            match res {
+                Ok(res) => {
+                    let lease = (!finished).then(|| Lease {
+                        conn: c,
+                        pool: self.clone(),
+                        idx: ep.idx,
+                    });
+                    return Ok(res.map(|body| UpstreamBody { body, lease }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if reused => req = r,
+                    _ => return Err(SendError::Protocol(chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// An upgrade request on a connection of its own, driven by a task that hands the I/O
+    /// over to the tunnel on `101 Switching Protocols`.
+    async fn send_upgrade(
+        &self,
+        ep: &UpEndpoint,
+        req: http::Request<RequestBody>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        let H1Conn { mut sender, conn } = *self.dial(ep).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with error");
+            }
+        });
+        sender
+            .send_request(req)
+            .await
+            .map(|res| res.map(UpstreamBody::plain))
+            .map_err(|e| SendError::Protocol(chain(&e)))
+    }
+}
+
+/// A pooled connection lent to one response; goes back to its pool when the body is over.
+struct Lease {
+    conn: Box<H1Conn>,
+    pool: Arc<H1Pool>,
+    idx: usize,
+}
+
+/// An upstream response body. For a pooled HTTP/1.1 connection it also drives that
+/// connection (the bytes arrive through it) and returns it to the pool at the end of the
+/// body; dropped before the end, the connection is closed (its state is mid-message).
+pub struct UpstreamBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .field("pooled", &self.lease.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamBody {
+    /// A body whose connection is driven elsewhere (HTTP/2, upgrades).
+    fn plain(body: Incoming) -> Self {
+        Self { body, lease: None }
+    }
+
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some(l) = self.lease.take() {
+            l.pool.put(l.idx, l.conn, cx);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body once `is_end_stream` says it is over.
+        if self.lease.is_some() && self.body.is_end_stream() {
+            self.release(&mut Context::from_waker(Waker::noop()));
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut res = Pin::new(&mut this.body).poll_frame(cx);
+        if res.is_pending()
+            && let Some(l) = this.lease.as_mut()
+        {
+            // Drive the connection: its reads feed the body.
+            if H1Conn::poll_finished(&mut l.conn.conn, cx) {
+                this.lease = None;
+            }
+            res = Pin::new(&mut this.body).poll_frame(cx);
+        }
+        match &res {
+            Poll::Ready(None) => this.release(cx),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http::HeaderValue;
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// An HTTP/1.1 upstream that counts the connections it accepts; `/close` answers with
+    /// `Connection: close`.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let mut res =
+                        http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hi")));
+                    if req.uri().path() == "/close" {
+                        res.headers_mut()
+                            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(res)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn cluster(addr: SocketAddr, idle_timeout: Option<Duration>) -> ClusterState {
+        let c = biplane_config::Cluster {
+            name: "c".into(),
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: biplane_config::LbPolicy::RoundRobin,
+            endpoints: vec![biplane_config::Endpoint {
+                address: addr,
+                weight: 1,
+            }],
+            protocol: biplane_config::UpstreamProtocol::Http1,
+            idle_timeout,
+        };
+        ClusterState::new(&c, &Metrics::new())
+    }
+
+    async fn get(c: &ClusterState, path: &'static str) -> String {
+        let (ep, _load) = c.pick_endpoint(None).unwrap();
+        let req = http::Request::get(path)
+            .header(http::header::HOST, "up")
+            .body(RequestBody::empty())
+            .unwrap();
+        let res = c.send(ep, req, false).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn h1_pool_reuses_one_connection() {
+        let (addr, accepted) = upstream().await;
+        let c = cluster(addr, None);
+        for _ in 0..5 {
+            assert_eq!(get(&c, "/").await, "hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats.connections_active.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn h1_pool_drops_connections_the_upstream_closes() {
+        let (addr, accepted) = upstream().await;
+        let c = cluster(addr, None);
+        assert_eq!(get(&c, "/close").await, "hi");
+        wait_until("closed connection released", || {
+            c.stats.connections_active.get() == 0
+        })
+        .await;
+        assert_eq!(get(&c, "/").await, "hi");
+        assert_eq!(get(&c, "/").await, "hi");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn h1_pool_closes_idle_connections_after_the_idle_timeout() {
+        let (addr, accepted) = upstream().await;
+        let c = cluster(addr, Some(Duration::from_millis(100)));
+        assert_eq!(get(&c, "/").await, "hi");
+        assert_eq!(c.stats.connections_active.get(), 1);
+        // The reaper closes it without any further request.
+        wait_until("idle connection reaped", || {
+            c.stats.connections_active.get() == 0
+        })
+        .await;
+        assert_eq!(get(&c, "/").await, "hi");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn h1_pool_connect_failure_is_a_connect_error() {
+        // A port nobody listens on (bound, then closed).
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let c = cluster(addr, None);
+        let (ep, _load) = c.pick_endpoint(None).unwrap();
+        let req = http::Request::get("/").body(RequestBody::empty()).unwrap();
+        let err = c.send(ep, req, false).await.unwrap_err();
+        assert!(matches!(err, SendError::Connect(_)), "{err:?}");
+        assert_eq!(c.stats.connect_failures.get(), 1);
     }
 }
