@@ -48,11 +48,18 @@ pub fn compile(
 ) -> HttpState {
     let mut clusters = HashMap::with_capacity(config.clusters.len());
     for c in &config.clusters {
-        let reused = previous
-            .and_then(|p| p.clusters.get(&c.name))
-            .filter(|old| old.same_as(c))
-            .cloned();
-        let state = reused.unwrap_or_else(|| Arc::new(ClusterState::new(c, metrics)));
+        let old = previous.and_then(|p| p.clusters.get(&c.name));
+        let state = match old {
+            Some(old) if old.same_as(c) => old.clone(),
+            _ => {
+                let state = ClusterState::new(c, metrics);
+                // Endpoints that stay keep their upstream connections.
+                if let Some(old) = old {
+                    state.adopt_connections(old);
+                }
+                Arc::new(state)
+            }
+        };
         clusters.insert(c.name.clone(), state);
     }
 

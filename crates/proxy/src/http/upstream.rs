@@ -300,6 +300,50 @@ impl ClusterState {
         }
     }
 
+    /// Moves the idle connections (HTTP/1.1) or the shared connection (HTTP/2) of every
+    /// endpoint `old` also had to this new state, when both use the same protocol: an
+    /// endpoint or weight change does not reconnect to the endpoints that stay. Exchanges
+    /// in flight on `old` finish there.
+    pub fn adopt_connections(&self, old: &ClusterState) {
+        for ep in self.endpoints.iter() {
+            let new_idx = ep.idx;
+            let Some(old_ep) = old.endpoints.iter().find(|e| e.addr == ep.addr) else {
+                continue;
+            };
+            match (&self.pool, &old.pool) {
+                (Pool::H1(new), Pool::H1(old_pool)) => {
+                    let moved = match old_pool.slot(old_ep.idx) {
+                        Some(mut g) => std::mem::take(&mut *g),
+                        None => continue,
+                    };
+                    if moved.is_empty() {
+                        continue;
+                    }
+                    if let Some(mut g) = new.slot(new_idx) {
+                        g.extend(moved);
+                    }
+                    if !new.reaper.swap(true, Ordering::AcqRel) {
+                        new.start_reaper();
+                    }
+                }
+                (
+                    Pool::H2 { slots: new, .. },
+                    Pool::H2 {
+                        slots: old_slots, ..
+                    },
+                ) => {
+                    if let (Some(sender), Some(slot)) = (
+                        old_slots.get(old_ep.idx).and_then(H2Slot::cached),
+                        new.get(new_idx),
+                    ) {
+                        slot.store(sender);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// Same settings and endpoints: the state (pool, cursors, counters) can be reused.
     pub fn same_as(&self, c: &biplane_config::Cluster) -> bool {
         let a = &self.config;
@@ -807,6 +851,34 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(c.stats.connections_active.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn endpoints_that_stay_keep_their_connections_across_an_endpoint_change() {
+        let (a, accepted_a) = upstream().await;
+        let (b, accepted_b) = upstream().await;
+        let old = cluster(a, None);
+        assert_eq!(get(&old, "/").await, "hi");
+        assert_eq!(accepted_a.load(Ordering::SeqCst), 1);
+        // Backend {a} -> {b, a}: a new state, a's idle connection moves over.
+        let c = biplane_config::Cluster {
+            name: "c".into(),
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: biplane_config::LbPolicy::RoundRobin,
+            endpoints: [b, a]
+                .iter()
+                .map(|&address| biplane_config::Endpoint { address, weight: 1 })
+                .collect(),
+            protocol: biplane_config::UpstreamProtocol::Http1,
+            idle_timeout: None,
+        };
+        let new = ClusterState::new(&c, &Metrics::new());
+        new.adopt_connections(&old);
+        for _ in 0..4 {
+            assert_eq!(get(&new, "/").await, "hi");
+        }
+        assert_eq!(accepted_a.load(Ordering::SeqCst), 1, "a was dialed again");
+        assert_eq!(accepted_b.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
