@@ -17,8 +17,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use biplane_xds::client::identity::{IdentityOptions, NodeCredentials, load_or_enroll};
@@ -376,135 +375,6 @@ spec:
 
 // ------------------------------------------------------------------ traffic
 
-/// Which echo answered `GET path`.
-async fn who(c: &reqwest::Client, port: u16, path: &str) -> Result<String, String> {
-    let r = c
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .send()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let status = r.status();
-    let name = r
-        .headers()
-        .get("x-echo-name")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = r.bytes().await.map_err(|e| format!("body: {e:?}"))?;
-    match name {
-        Some(name) if status.is_success() => Ok(name),
-        _ => Err(format!(
-            "status {status}: {}",
-            String::from_utf8_lossy(&body)
-        )),
-    }
-}
-
-/// Polls `GET /` until `n` answers in a row come from `name`.
-async fn follows(port: u16, name: &str, n: usize, log: &Proc) {
-    let c = client();
-    let start = Instant::now();
-    let mut streak = 0;
-    loop {
-        let got = who(&c, port, "/").await;
-        if got.as_deref() == Ok(name) {
-            streak += 1;
-            if streak == n {
-                return;
-            }
-            continue;
-        }
-        streak = 0;
-        assert!(
-            start.elapsed() < DEADLINE,
-            "/ never went to {name} (last: {got:?}); proxy stderr:\n{}",
-            log.stderr.text()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Concurrent clients: 4 on keep-alive connections, 2 opening a connection per request,
-/// counting answers that are not a 2xx from an echo.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for i in 0..6 {
-            let keep_alive = i < 4;
-            crypto();
-            let b = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10));
-            let c = if keep_alive {
-                b.build().unwrap()
-            } else {
-                b.pool_max_idle_per_host(0).build().unwrap()
-            };
-            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match who(&c, port, "/").await {
-                        Ok(_) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!(
-                            "{}: {e}",
-                            if keep_alive { "keep-alive" } else { "new-conn" }
-                        )),
-                    }
-                    // Pacing: leave CPU to the planes on two cores.
-                    let pause = if keep_alive { 2 } else { 5 };
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-            }));
-        }
-        Load {
-            stop,
-            ok,
-            failures,
-            tasks,
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `n` more requests have succeeded.
-    async fn wait_more(&self, n: u64, log: &Proc) {
-        let target = self.ok() + n;
-        let start = Instant::now();
-        while self.ok() < target {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "the load stalled at {} requests; failures: {:?}; proxy stderr:\n{}",
-                self.ok(),
-                self.failures.lock().unwrap(),
-                log.stderr.text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Stops the clients; returns (succeeded, failures).
-    async fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
-}
-
 // ------------------------------------------------------------------ raw ADS
 
 /// The first response of an ADS stream opened with `creds` as `id`/`cluster`: the
@@ -660,7 +530,7 @@ async fn a_node_enrolls_with_a_token_serves_and_restarts_without_one() {
     let state = dir.path().join("state");
     let node = Node::start(&cp, &state, "node-1", Some(&token), &[]).await;
     node.wait_ready().await;
-    follows(port, "A", 3, &node.proc).await;
+    follows(port, "/", "A", 3, &node.proc).await;
     let log = node.proc.stderr.text();
     assert!(
         log.contains("spiffe://biplane.local/gateway/default/gw/node/node-1"),
@@ -697,7 +567,7 @@ async fn a_node_enrolls_with_a_token_serves_and_restarts_without_one() {
     assert!(log.contains("using the stored node certificate"), "{log}");
     assert!(!log.contains("enrolled:"), "enrolled again: {log}");
     assert!(!log.contains("last-known-good"), "{log}");
-    follows(port, "A", 3, &node.proc).await;
+    follows(port, "/", "A", 3, &node.proc).await;
     let entry = cp.wait_connected("node-1", true).await;
     assert_eq!(entry["gateway"], "default/gw", "{entry:#}");
 }
@@ -852,7 +722,7 @@ async fn a_revoked_node_is_cut_off_but_keeps_serving() {
     let state = dir.path().join("state");
     let node = Node::start(&cp, &state, "node-r", Some(&token), &[]).await;
     node.wait_ready().await;
-    follows(port, "A", 3, &node.proc).await;
+    follows(port, "/", "A", 3, &node.proc).await;
     cp.wait_connected("node-r", true).await;
 
     let (code, out, err) = cp.cli(&["node", "revoke", "node-r"]).await;
@@ -949,9 +819,9 @@ async fn renewal_under_load_drops_nothing() {
     let first_cert = std::fs::read(state.join("node.crt")).unwrap();
     let first_key = std::fs::read(state.join("node.key")).unwrap();
     node.wait_ready().await;
-    follows(port, "A", 3, &node.proc).await;
+    follows(port, "/", "A", 3, &node.proc).await;
 
-    let load = Load::start(port);
+    let load = Load::start(port, &["/"]);
     load.wait_more(50, &node.proc).await;
     let mut certs = BTreeSet::new();
     let started = Instant::now();
@@ -976,7 +846,7 @@ async fn renewal_under_load_drops_nothing() {
 
     // The stream opened with the first (now expired) certificate still carries changes.
     cp.apply(dir.path(), &cfg(port, a.addr, b.addr, "b")).await;
-    follows(port, "B", 10, &node.proc).await;
+    follows(port, "/", "B", 10, &node.proc).await;
     load.wait_more(100, &node.proc).await;
     let (ok, failures) = load.finish().await;
     let renewed = count(&node.proc.stderr, "node certificate renewed");

@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -798,4 +799,141 @@ pub fn refused_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let addr = socket.local_addr().unwrap();
     (socket, addr)
+}
+
+// ------------------------------------------------------------------ load through a proxy
+
+/// Which echo answered `GET path` (with this client: keep-alive or not).
+pub async fn who(c: &reqwest::Client, port: u16, path: &str) -> Result<String, String> {
+    let r = c
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = r.status();
+    let name = r
+        .headers()
+        .get("x-echo-name")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = r.bytes().await.map_err(|e| format!("body: {e:?}"))?;
+    match name {
+        Some(name) if status.is_success() => Ok(name),
+        _ => Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+    }
+}
+
+/// Polls `GET path` until `n` answers in a row come from `name`; returns how long it took.
+pub async fn follows(port: u16, path: &str, name: &str, n: usize, log: &Proc) -> Duration {
+    let c = client();
+    let start = Instant::now();
+    let mut streak = 0;
+    loop {
+        let got = who(&c, port, path).await;
+        if got.as_deref() == Ok(name) {
+            streak += 1;
+            if streak == n {
+                return start.elapsed();
+            }
+            continue;
+        }
+        streak = 0;
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{path} never went to {name} (last: {got:?}); proxy stderr:\n{}",
+            log.stderr.text()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Concurrent clients: 4 on keep-alive connections, 2 opening a connection per request,
+/// each cycling over `paths` and counting answers that are not a 2xx from an echo.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, paths: &'static [&'static str]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let keep_alive = i < 4;
+            let c = {
+                crypto();
+                let b = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(10));
+                if keep_alive {
+                    b.build().unwrap()
+                } else {
+                    b.pool_max_idle_per_host(0).build().unwrap()
+                }
+            };
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    let path = paths[n % paths.len()];
+                    n += 1;
+                    match who(&c, port, path).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!(
+                            "{} {path}: {e}",
+                            if keep_alive { "keep-alive" } else { "new-conn" }
+                        )),
+                    }
+                    // Pacing, so six clients leave CPU to the planes on two cores (and the
+                    // new-connection clients do not exhaust ephemeral ports).
+                    let pause = if keep_alive { 2 } else { 5 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failures,
+            tasks,
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have succeeded.
+    pub async fn wait_more(&self, n: u64, log: &Proc) {
+        let target = self.ok() + n;
+        let start = Instant::now();
+        while self.ok() < target {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the load stalled at {} requests; failures: {:?}; proxy stderr:\n{}",
+                self.ok(),
+                self.failures.lock().unwrap(),
+                log.stderr.text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the clients; returns (succeeded, failures).
+    pub async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
 }
