@@ -79,7 +79,7 @@ impl Control {
     async fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         all.extend(["--server".to_owned(), self.server()]);
-        run_cli(all).await
+        run_biplane("warn", all).await
     }
 
     /// `GET /api/v1/...` as JSON.
@@ -92,34 +92,6 @@ impl Control {
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().await.unwrap()
     }
-}
-
-/// Runs the `biplane` client to completion off the async threads.
-async fn run_cli(args: Vec<String>) -> (i32, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = Proc::spawn_full(&args, "warn", None);
-        let status = p.wait_exit(DEADLINE);
-        p.stdout.wait_eof();
-        p.stderr.wait_eof();
-        (
-            status.code().unwrap_or(-1),
-            p.stdout.text(),
-            p.stderr.text(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-/// The address after `prefix` in a log line.
-fn after(line: &str, prefix: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(prefix)? + prefix.len()..];
-    rest.split_whitespace()
-        .next()?
-        .trim_matches(|c| c == '"' || c == ',')
-        .parse()
-        .ok()
 }
 
 /// A running `biplane proxy --control-plane` for Gateway `gw`, node id `node-1`.
@@ -777,33 +749,42 @@ async fn up_serves_the_quickstart_and_stops_on_sigint() {
     );
     assert!(banner.contains("needs a bearer token"), "{banner}");
     let client_config = data.join("client.yaml");
-    let (code, out, err) = run_cli(vec![
-        "get".into(),
-        "httproutes".into(),
-        "--client-config".into(),
-        client_config.to_str().unwrap().into(),
-    ])
+    let (code, out, err) = run_biplane(
+        "warn",
+        vec![
+            "get".into(),
+            "httproutes".into(),
+            "--client-config".into(),
+            client_config.to_str().unwrap().into(),
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().any(|l| l.starts_with("quickstart ")), "{out}");
     // Plaintext, or HTTPS without a token, is refused.
-    let (code, _, err) = run_cli(vec![
-        "get".into(),
-        "httproutes".into(),
-        "--server".into(),
-        format!("http://{api}"),
-    ])
+    let (code, _, err) = run_biplane(
+        "warn",
+        vec![
+            "get".into(),
+            "httproutes".into(),
+            "--server".into(),
+            format!("http://{api}"),
+        ],
+    )
     .await;
     assert_eq!(code, 1, "{err}");
     let ca = data.join("ca/ca.crt");
-    let (code, _, err) = run_cli(vec![
-        "get".into(),
-        "httproutes".into(),
-        "--server".into(),
-        format!("https://{api}"),
-        "--ca-file".into(),
-        ca.to_str().unwrap().into(),
-    ])
+    let (code, _, err) = run_biplane(
+        "warn",
+        vec![
+            "get".into(),
+            "httproutes".into(),
+            "--server".into(),
+            format!("https://{api}"),
+            "--ca-file".into(),
+            ca.to_str().unwrap().into(),
+        ],
+    )
     .await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("token"), "{err}");

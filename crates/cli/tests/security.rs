@@ -106,7 +106,7 @@ impl Control {
     async fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         all.extend(["--client-config".to_owned(), self.client_config()]);
-        run(all).await
+        run_biplane("info", all).await
     }
 
     /// `biplane apply -f FILE`, which must succeed.
@@ -172,34 +172,6 @@ impl Control {
     }
 }
 
-/// Runs `biplane ARGS` to completion off the async threads: (exit code, stdout, stderr).
-async fn run(args: Vec<String>) -> (i32, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = Proc::spawn_full(&args, "info", None);
-        let status = p.wait_exit(DEADLINE);
-        p.stdout.wait_eof();
-        p.stderr.wait_eof();
-        (
-            status.code().unwrap_or(-1),
-            p.stdout.text(),
-            p.stderr.text(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-/// The address after `prefix` in a log line.
-fn after(line: &str, prefix: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(prefix)? + prefix.len()..];
-    rest.split_whitespace()
-        .next()?
-        .trim_matches(|c| c == '"' || c == ',')
-        .parse()
-        .ok()
-}
-
 /// `biplane proxy --control-plane XDS --state-dir DIR --node-id ID [--token T] EXTRA`.
 fn proxy_args(
     cp: &Control,
@@ -234,7 +206,8 @@ fn proxy_args(
 
 /// Runs a proxy expected to give up (a refused enrollment): (exit code, stderr).
 async fn proxy_fails(cp: &Control, state: &Path, node_id: &str, token: &str) -> (i32, String) {
-    let (code, _, err) = run(proxy_args(cp, state, node_id, Some(token), &[])).await;
+    let (code, _, err) =
+        run_biplane("info", proxy_args(cp, state, node_id, Some(token), &[])).await;
     (code, err)
 }
 
@@ -989,17 +962,20 @@ async fn the_admin_api_enforces_roles() {
     // The CLI with a viewer token: exit 1, and it says the role is too weak.
     let file = dir.path().join("gw.yaml");
     std::fs::write(&file, gw("by-cli")).unwrap();
-    let (code, _, err) = run(vec![
-        "apply".into(),
-        "-f".into(),
-        file.to_str().unwrap().into(),
-        "--server".into(),
-        cp.url(""),
-        "--token".into(),
-        viewer.clone(),
-        "--ca-file".into(),
-        cp.ca_file().to_str().unwrap().into(),
-    ])
+    let (code, _, err) = run_biplane(
+        "info",
+        vec![
+            "apply".into(),
+            "-f".into(),
+            file.to_str().unwrap().into(),
+            "--server".into(),
+            cp.url(""),
+            "--token".into(),
+            viewer.clone(),
+            "--ca-file".into(),
+            cp.ca_file().to_str().unwrap().into(),
+        ],
+    )
     .await;
     assert_eq!(code, 1, "{err}");
     assert!(

@@ -937,3 +937,32 @@ impl Load {
         (self.ok.load(Ordering::Relaxed), failures)
     }
 }
+
+/// Runs `biplane ARGS` (with `BIPLANE_LOG=log`) to completion off the async threads:
+/// (exit code, stdout, stderr).
+pub async fn run_biplane(log: &'static str, args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = Proc::spawn_full(&args, log, None);
+        let status = p.wait_exit(DEADLINE);
+        p.stdout.wait_eof();
+        p.stderr.wait_eof();
+        (
+            status.code().unwrap_or(-1),
+            p.stdout.text(),
+            p.stderr.text(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// The address after `prefix` in a log line (`api listening on 127.0.0.1:7070`).
+pub fn after(line: &str, prefix: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    rest.split_whitespace()
+        .next()?
+        .trim_matches(|c| c == '"' || c == ',')
+        .parse()
+        .ok()
+}
