@@ -352,7 +352,7 @@ impl ControllerShared {
         let Some(last) = state.records.back() else {
             return;
         };
-        if self.fleet.nodes_of(key).is_empty() {
+        if !self.fleet.has_nodes(key) {
             state.pending.clear();
             return;
         }
@@ -369,7 +369,10 @@ impl ControllerShared {
         }
     }
 
-    fn on_fleet_event(&self, event: FleetEvent) {
+    /// Records one event; returns the Gateway whose convergence it may complete, and
+    /// when (checked once per batch of events by [`track_fleet`]: the check scans the
+    /// Gateway's nodes, so running it per ACK would be quadratic in the fleet size).
+    fn on_fleet_event(&self, event: FleetEvent) -> Option<(GatewayKey, Instant)> {
         match event {
             FleetEvent::Connected { stream_id, .. } => {
                 lock(&self.lags).insert(
@@ -379,11 +382,10 @@ impl ControllerShared {
                         lag_ms: [None; 5],
                     },
                 );
+                None
             }
             FleetEvent::Ack(ack) => {
-                let Some(i) = type_index(ack.kind) else {
-                    return;
-                };
+                let i = type_index(ack.kind)?;
                 let produced = {
                     let gateways = lock(&self.gateways);
                     let found = gateways.get(&ack.gateway).and_then(|s| {
@@ -417,9 +419,9 @@ impl ControllerShared {
                     });
                     entry.set_lag(i, produced, ack.at);
                 }
-                self.check_converged(&ack.gateway, ack.at);
+                Some((ack.gateway, ack.at))
             }
-            FleetEvent::Nack { .. } => {}
+            FleetEvent::Nack { .. } => None,
             FleetEvent::Disconnected {
                 stream_id, gateway, ..
             } => {
@@ -427,11 +429,14 @@ impl ControllerShared {
                 if let Some(q) = lock(&self.early_acks).get_mut(&gateway) {
                     q.retain(|a| a.stream_id != stream_id);
                 }
-                self.check_converged(&gateway, Instant::now());
+                Some((gateway, Instant::now()))
             }
         }
     }
 }
+
+/// Fleet events handled before convergence is checked.
+const FLEET_BATCH: usize = 1024;
 
 /// Follows fleet events until `shutdown` (subscribe before the ADS server starts so no
 /// event is missed).
@@ -440,20 +445,48 @@ pub async fn track_fleet(
     mut events: broadcast::Receiver<FleetEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Gateways to check for convergence after this batch, with the latest event time.
+    let mut touched: HashMap<GatewayKey, Instant> = HashMap::new();
     loop {
-        let event = tokio::select! {
+        let first = tokio::select! {
             () = stopping(&mut shutdown) => return,
             e = events.recv() => e,
         };
-        match event {
-            Ok(e) => shared.on_fleet_event(e),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "fleet tracker fell behind; lag figures may be incomplete"
-                );
+        // Take what is already queued too (bounded), then check each Gateway once.
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(event) = next.take() {
+            match event {
+                Ok(e) => {
+                    if let Some((gw, at)) = shared.on_fleet_event(e) {
+                        let t = touched.entry(gw).or_insert(at);
+                        *t = (*t).max(at);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "fleet tracker fell behind; lag figures may be incomplete"
+                    );
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+            taken += 1;
+            if taken < FLEET_BATCH {
+                next = match events.try_recv() {
+                    Ok(e) => Some(Ok(e)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Some(Err(broadcast::error::RecvError::Lagged(n)))
+                    }
+                    Err(broadcast::error::TryRecvError::Empty) => None,
+                    Err(broadcast::error::TryRecvError::Closed) => {
+                        Some(Err(broadcast::error::RecvError::Closed))
+                    }
+                };
+            }
+        }
+        for (gw, at) in touched.drain() {
+            shared.check_converged(&gw, at);
         }
     }
 }

@@ -222,6 +222,12 @@ impl FleetStatus {
             .collect()
     }
 
+    /// Whether any node of `gateway` is connected (no copy of the nodes, unlike
+    /// [`FleetStatus::nodes_of`]).
+    pub fn has_nodes(&self, gateway: &GatewayKey) -> bool {
+        self.lock().values().any(|n| &n.gateway == gateway)
+    }
+
     /// Whether every connected node of `gateway` has ACKed `version` of `kind` (true
     /// when no node is connected, or no node subscribes to `kind`).
     pub fn all_acked(&self, gateway: &GatewayKey, kind: ResourceKind, version: &str) -> bool {
