@@ -435,8 +435,10 @@ impl ControllerShared {
     }
 }
 
-/// Fleet events handled before convergence is checked.
+/// Fleet events taken from the queue at once.
 const FLEET_BATCH: usize = 1024;
+/// How often, at most, a Gateway's convergence is checked while ACKs arrive.
+const CONVERGENCE_CHECK_EVERY: Duration = Duration::from_millis(10);
 
 /// Follows fleet events until `shutdown` (subscribe before the ADS server starts so no
 /// event is missed).
@@ -445,15 +447,20 @@ pub async fn track_fleet(
     mut events: broadcast::Receiver<FleetEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Gateways to check for convergence after this batch, with the latest event time.
+    // Gateways to check for convergence, with the latest event time. The check scans the
+    // Gateway's nodes, so it runs at most every CONVERGENCE_CHECK_EVERY, not per ACK; the
+    // time it records is the latest ACK's, not the check's.
     let mut touched: HashMap<GatewayKey, Instant> = HashMap::new();
+    let mut last_check = tokio::time::Instant::now();
     loop {
+        let due = (!touched.is_empty()).then(|| last_check + CONVERGENCE_CHECK_EVERY);
         let first = tokio::select! {
             () = stopping(&mut shutdown) => return,
-            e = events.recv() => e,
+            e = events.recv() => Some(e),
+            () = sleep_until_some(due) => None,
         };
-        // Take what is already queued too (bounded), then check each Gateway once.
-        let mut next = Some(first);
+        // Take what is already queued too (bounded).
+        let mut next = first;
         let mut taken = 0;
         while let Some(event) = next.take() {
             match event {
@@ -485,9 +492,20 @@ pub async fn track_fleet(
                 };
             }
         }
-        for (gw, at) in touched.drain() {
-            shared.check_converged(&gw, at);
+        if !touched.is_empty() && last_check.elapsed() >= CONVERGENCE_CHECK_EVERY {
+            for (gw, at) in touched.drain() {
+                shared.check_converged(&gw, at);
+            }
+            last_check = tokio::time::Instant::now();
         }
+    }
+}
+
+/// Sleeps until `t`, or for ever when `None`.
+async fn sleep_until_some(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
