@@ -12,9 +12,9 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
+
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -275,22 +275,11 @@ fn ia5(s: String) -> Result<Ia5String, CaError> {
 
 /// Writes `contents` to `path` with `mode` (through a temporary file and a rename).
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("cannot create", &tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err("cannot set permissions of", &tmp))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err("cannot write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("cannot rename to", path))
+    biplane_xds::atomic_file::write(path, contents, mode).map_err(|e| CaError::Io {
+        what: e.what,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Creates `dir` (and parents) and sets its mode to 0700.

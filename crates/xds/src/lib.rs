@@ -89,6 +89,7 @@
 //! - Retries are not implemented: a retry policy must not retry (empty `retry_on` or
 //!   `num_retries: 0`); its `per_try_timeout` is honoured.
 
+pub mod atomic_file;
 pub mod client;
 pub mod from_xds;
 pub mod node_rpc;

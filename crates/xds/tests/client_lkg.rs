@@ -63,6 +63,10 @@ async fn round_trip() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec![LKG_FILE.to_owned()]);
+    // Owner only: the set carries the Gateway's TLS private keys.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
 }
 
 #[tokio::test]

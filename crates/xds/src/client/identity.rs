@@ -27,8 +27,8 @@
 use std::fmt;
 use std::fs;
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1100,22 +1100,11 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("cannot create", &tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err("cannot set permissions of", &tmp))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err("cannot write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("cannot rename to", path))
+    crate::atomic_file::write(path, contents, mode).map_err(|e| IdentityError::Io {
+        what: e.what,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 impl NodeCredentials {

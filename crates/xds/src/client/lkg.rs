@@ -15,7 +15,6 @@
 //! its name, version and `Any`), as if a server had sent the whole set in one response. A
 //! file that is short, long, has another magic or a checksum mismatch is refused whole.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -329,9 +328,8 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<LastKnownGood, LkgError> {
     })
 }
 
-/// Writes `lkg` to `path` atomically: a temp file in the same directory, written and
-/// fsynced, renamed over `path`, then the directory fsynced. The directory is created if
-/// needed. Blocking: call it from `spawn_blocking` in async code.
+/// Writes `lkg` to `path` atomically, mode 0600 ([`crate::atomic_file`]). The directory
+/// is created if needed. Blocking: call it from `spawn_blocking` in async code.
 pub fn write(path: &Path, lkg: &LastKnownGood) -> Result<(), LkgError> {
     let io = |op: &'static str, p: &Path| {
         let p = p.to_path_buf();
@@ -346,26 +344,12 @@ pub fn write(path: &Path, lkg: &LastKnownGood) -> Result<(), LkgError> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(io("creating the directory", &dir))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| LKG_FILE.to_owned());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let bytes = encode(lkg);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync of the directory", &dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // Mode 0600: the set carries the Gateway's TLS private keys (SDS secrets).
+    crate::atomic_file::write(path, &encode(lkg), 0o600).map_err(|e| LkgError::Io {
+        path: e.path,
+        op: e.what,
+        source: e.source,
+    })
 }
 
 /// Reads and checks `path`. Blocking.
