@@ -130,23 +130,11 @@ impl Node {
     }
 
     async fn ready(&self) -> bool {
-        client()
-            .get(format!("http://{}/ready", self.admin))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
+        admin_ready(self.admin).await
     }
 
     async fn wait_ready(&self) {
-        let start = Instant::now();
-        while !self.ready().await {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "proxy never ready; stderr:\n{}",
-                self.proc.stderr.text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_admin_ready(self.admin, &self.proc).await;
     }
 
     async fn config_dump(&self) -> String {

@@ -264,23 +264,11 @@ impl Node {
     }
 
     async fn ready(&self) -> bool {
-        client()
-            .get(format!("http://{}/ready", self.admin))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
+        admin_ready(self.admin).await
     }
 
     async fn wait_ready(&self) {
-        let start = Instant::now();
-        while !self.ready().await {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "proxy never ready; stderr:\n{}",
-                self.proc.stderr.text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_admin_ready(self.admin, &self.proc).await;
     }
 
     /// Waits until `n` log lines contain `needle`.
@@ -378,10 +366,10 @@ async fn ads_on(
         cluster: cluster.to_owned(),
         ..Default::default()
     });
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (tx2, rx2) = tokio::sync::mpsc::channel(4);
     if delta {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(DeltaDiscoveryRequest {
             node,
             type_url: CDS.to_owned(),
@@ -389,43 +377,38 @@ async fn ads_on(
         })
         .await
         .unwrap();
-        let mut stream = client
+        let stream = client
             .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(status)?
-            .into_inner();
-        let msg = tokio::time::timeout(DEADLINE, stream.message())
-            .await
-            .map_err(|_| "no answer in time".to_owned())?;
-        drop(tx);
-        match msg {
-            Ok(Some(resp)) => Ok(resp.resources.len()),
-            Ok(None) => Err("stream ended".to_owned()),
-            Err(s) => Err(status(s)),
-        }
+            .await;
+        first_answer(stream, |r| r.resources.len()).await
     } else {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(DiscoveryRequest {
+        tx2.send(DiscoveryRequest {
             node,
             type_url: CDS.to_owned(),
             ..Default::default()
         })
         .await
         .unwrap();
-        let mut stream = client
-            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(status)?
-            .into_inner();
-        let msg = tokio::time::timeout(DEADLINE, stream.message())
-            .await
-            .map_err(|_| "no answer in time".to_owned())?;
-        drop(tx);
-        match msg {
-            Ok(Some(resp)) => Ok(resp.resources.len()),
-            Ok(None) => Err("stream ended".to_owned()),
-            Err(s) => Err(status(s)),
-        }
+        let stream = client
+            .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx2))
+            .await;
+        first_answer(stream, |r| r.resources.len()).await
+    }
+}
+
+/// The first response of an opened ADS stream (resource count), or `Code: message`.
+/// The request senders stay open in the caller until this returns.
+async fn first_answer<R>(
+    opened: Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>,
+    count: impl Fn(&R) -> usize,
+) -> Result<usize, String> {
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut stream = opened.map_err(status)?.into_inner();
+    match tokio::time::timeout(DEADLINE, stream.message()).await {
+        Err(_) => Err("no answer in time".to_owned()),
+        Ok(Ok(Some(resp))) => Ok(count(&resp)),
+        Ok(Ok(None)) => Err("stream ended".to_owned()),
+        Ok(Err(s)) => Err(status(s)),
     }
 }
 

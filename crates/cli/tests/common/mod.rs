@@ -966,3 +966,25 @@ pub fn after(line: &str, prefix: &str) -> Option<SocketAddr> {
         .parse()
         .ok()
 }
+
+/// Whether the proxy whose admin listener is `admin` answers `/ready` with a 2xx.
+pub async fn admin_ready(admin: SocketAddr) -> bool {
+    client()
+        .get(format!("http://{admin}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// Polls `/ready` until it answers 2xx; fails with the proxy's stderr after `DEADLINE`.
+pub async fn wait_admin_ready(admin: SocketAddr, proc: &Proc) {
+    let start = Instant::now();
+    while !admin_ready(admin).await {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "proxy never ready; stderr:\n{}",
+            proc.stderr.text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
