@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use biplane_config::{ChainHandler, HttpConnectionManager, TlsTermination};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -546,7 +546,7 @@ async fn dispatch<IO>(
     shared: Arc<Shared>,
     drain: watch::Receiver<bool>,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: crate::http::h1::ConnIo,
 {
     match handler {
         Handler::Http(hcm) => crate::http::serve_connection(io, conn, hcm, shared, drain).await,

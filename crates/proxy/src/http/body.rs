@@ -15,47 +15,82 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::InFlight;
+use super::h1::{BodyError, H1Body};
 use super::log::LogEntry;
 use super::upstream::UpstreamBody;
 use crate::lb::LoadGuard;
 
-/// The downstream request body on its way upstream.
+/// The downstream request body on its way upstream: from our HTTP/1 server or hyper's
+/// HTTP/2 server.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Inner,
     received: Option<Arc<AtomicU64>>,
 }
 
+#[derive(Debug)]
+enum Inner {
+    Empty,
+    H1(H1Body),
+    H2(Incoming),
+}
+
+/// Why the downstream request body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error(transparent)]
+    H1(#[from] BodyError),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
 impl RequestBody {
-    pub fn new(inner: Incoming, received: Option<Arc<AtomicU64>>) -> Self {
+    pub fn h1(body: H1Body) -> Self {
         Self {
-            inner: Some(inner),
-            received,
+            inner: Inner::H1(body),
+            received: None,
         }
     }
 
-    /// No body (e.g. after an upgrade request whose body hyper keeps for the tunnel).
-    pub fn empty() -> Self {
+    pub fn h2(body: Incoming) -> Self {
         Self {
-            inner: None,
+            inner: Inner::H2(body),
             received: None,
         }
+    }
+
+    /// No body (a body-less HTTP/1 request, or an upgrade request's).
+    pub fn empty() -> Self {
+        Self {
+            inner: Inner::Empty,
+            received: None,
+        }
+    }
+
+    /// Counts the bytes that pass into `counter` (for the access log).
+    pub fn count_into(&mut self, counter: Option<Arc<AtomicU64>>) {
+        self.received = counter;
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RequestBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let res = match &mut this.inner {
+            Inner::Empty => return Poll::Ready(None),
+            Inner::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Inner::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
         };
-        let res = Pin::new(inner).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(c)) = (&res, &this.received)
             && let Some(d) = frame.data_ref()
         {
@@ -65,13 +100,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Inner::Empty => true,
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            Inner::Empty => SizeHint::with_exact(0),
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
-//! One downstream HTTP connection: hyper's HTTP/1.1 or HTTP/2 server (h2 by ALPN, or h2c
-//! prior knowledge told apart from HTTP/1.1 by the first bytes), configured from the
-//! `HttpConnectionManager`, plus what hyper lacks: an idle timeout for keep-alive
-//! connections, the HTTP/1 framing guard, and graceful shutdown on the drain signal.
+//! One downstream HTTP connection: our HTTP/1.x server (`h1`), or hyper's HTTP/2 server
+//! (h2 by ALPN, or h2c prior knowledge, which the HTTP/1 server recognises in the first
+//! bytes and hands over), configured from the `HttpConnectionManager`, plus what hyper's
+//! HTTP/2 server lacks: an idle timeout and graceful shutdown on the drain signal.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -15,13 +15,11 @@ use bytes::{Buf, Bytes};
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::guard::{GuardShared, GuardedIo};
+use super::body::RequestBody;
+use super::h1::{ConnIo, Exit};
 use crate::{ConnInfo, Shared};
-
-/// hyper's smallest allowed HTTP/1 read buffer.
-const MIN_H1_BUF: usize = 8192;
 
 /// When the connection last did something, and how many requests are in flight.
 #[derive(Debug)]
@@ -94,9 +92,6 @@ pub struct ConnCtx {
     /// `http` or `https`, for `x-forwarded-proto` and redirects.
     pub proto: HeaderValue,
     pub activity: Activity,
-    pub guard: Arc<GuardShared>,
-    /// Index of the next HTTP/1 request (matches the guard's numbering).
-    pub h1_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for ConnCtx {
@@ -117,101 +112,64 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 
 /// Serve one downstream connection (plaintext or already-TLS-terminated) until it closes.
 ///
-/// HTTP/2 when `conn.alpn_h2`, else auto-detection of h2c prior knowledge vs HTTP/1.1.
-/// When `shutdown` becomes true: graceful shutdown (HTTP/2 GOAWAY, HTTP/1 close after the
-/// in-flight response). `hcm.idle_timeout` closes the connection after that long without
-/// a request in flight.
-pub async fn serve_connection<IO>(
+/// HTTP/2 when `conn.alpn_h2`; else HTTP/1.x, unless the first bytes are the HTTP/2
+/// preface (h2c prior knowledge). When `shutdown` becomes true: graceful shutdown (HTTP/2
+/// GOAWAY, HTTP/1 close after the in-flight response). `hcm.idle_timeout` closes the
+/// connection after that long without a request in flight.
+pub async fn serve_connection<IO: ConnIo>(
     io: IO,
     conn: ConnInfo,
     hcm: Arc<HttpConnectionManager>,
     shared: Arc<Shared>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let max_head = (hcm.max_request_headers_kb.max(1) as usize).saturating_mul(1024);
-    let guard = Arc::new(GuardShared::default());
-    let io = GuardedIo::new(io, guard.clone(), max_head, !conn.alpn_h2);
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let alpn_h2 = conn.alpn_h2;
-    let idle_timeout = hcm.idle_timeout.filter(|d| !d.is_zero());
     let ctx = Arc::new(ConnCtx {
         peer_ip: ip_header(conn.peer.ip()),
         proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         info: conn,
-        hcm: hcm.clone(),
+        hcm,
         shared,
         activity: Activity::new(),
-        guard,
-        h1_seq: AtomicU64::new(0),
     });
+    if alpn_h2 {
+        serve_h2(io, Bytes::new(), ctx, shutdown).await;
+        return;
+    }
+    match super::h1::serve(io, ctx.clone(), shutdown.clone(), !ctx.info.tls).await {
+        Exit::Done => {}
+        Exit::H2c(io, prefix) => serve_h2(io, prefix, ctx, shutdown).await,
+    }
+}
 
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| super::service::handle(req, svc_ctx.clone()));
+/// hyper's HTTP/2 server on `io`, replaying `prefix` (bytes already read) first.
+async fn serve_h2<IO: ConnIo>(
+    io: IO,
+    prefix: Bytes,
+    ctx: Arc<ConnCtx>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let max_head = (ctx.hcm.max_request_headers_kb.max(1) as usize).saturating_mul(1024);
+    let idle_timeout = ctx.hcm.idle_timeout.filter(|d| !d.is_zero());
     let far = Duration::from_secs(86_400 * 365);
     let idle_sleep = tokio::time::sleep(idle_timeout.unwrap_or(far));
     tokio::pin!(idle_sleep);
-
-    // HTTP/1.1 or h2c prior knowledge: decided on the first bytes, read here with a full
-    // buffer and replayed to hyper (one read, where hyper-util's auto server read the
-    // 24-byte preface length first and then the rest: a syscall more per connection).
-    let mut io = io;
-    let (h2, prefix) = if alpn_h2 {
-        (true, Bytes::new())
-    } else {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        tokio::select! {
-            sniffed = sniff(&mut io) => match sniffed {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(peer = %ctx.info.peer, error = %e, "downstream connection ended with error");
-                    return;
-                }
-            },
-            // A connection that has sent nothing yet is closed at once on drain, or when
-            // idle for the idle timeout.
-            () = drain_requested(&mut shutdown) => return,
-            () = &mut idle_sleep, if idle_timeout.is_some() => return,
-        }
-    };
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        super::service::handle(req.map(RequestBody::h2), svc_ctx.clone())
+    });
     let io = TokioIo::new(Prefixed { prefix, io });
-    if h2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
-        let connection = builder.serve_connection(io, svc);
-        drive(connection, &ctx, shutdown, idle_timeout, idle_sleep).await;
-    } else {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(hcm.request_headers_timeout.filter(|d| !d.is_zero()))
-            .max_buf_size(max_head.max(MIN_H1_BUF))
-            .keep_alive(true);
-        let connection = builder.serve_connection(io, svc).with_upgrades();
-        drive(connection, &ctx, shutdown, idle_timeout, idle_sleep).await;
-    }
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+    let connection = builder.serve_connection(io, svc);
+    drive(connection, &ctx, shutdown, idle_timeout, idle_sleep).await;
 }
 
 /// A hyper server connection that can be told to finish gracefully.
 trait ServerConnection: Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> ServerConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
-    }
 }
 
 impl<I, S, B> ServerConnection for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
@@ -280,44 +238,7 @@ async fn drive<C: ServerConnection>(
     }
 }
 
-/// Resolves when a drain is requested; never if the sender is gone.
-async fn drain_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    loop {
-        if shutdown.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-    }
-}
-
-/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The first read's size: a whole ordinary request head in one read.
-const SNIFF_BUF: usize = 2048;
-
-/// Reads the first bytes of a connection (until they tell the protocol: usually one read)
-/// and says whether they start the HTTP/2 preface. Returns the bytes read, for hyper.
-async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<(bool, Bytes)> {
-    let mut buf = [0u8; SNIFF_BUF];
-    let mut n = 0;
-    loop {
-        let read = io.read(&mut buf[n..]).await?;
-        n += read;
-        let seen = &buf[..n];
-        let common = seen.len().min(H2_PREFACE.len());
-        if read == 0 || seen[..common] != H2_PREFACE[..common] {
-            // EOF (hyper sees it next), or not the preface: HTTP/1.x.
-            return Ok((false, Bytes::copy_from_slice(seen)));
-        }
-        if common == H2_PREFACE.len() {
-            return Ok((true, Bytes::copy_from_slice(seen)));
-        }
-    }
-}
-
-/// Replays the sniffed bytes before reading on from the connection.
+/// Replays bytes already read (the h2c preface) before reading on from the connection.
 struct Prefixed<IO> {
     prefix: Bytes,
     io: IO,

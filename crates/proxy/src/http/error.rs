@@ -30,6 +30,12 @@ pub enum HttpError {
     BadRequest(&'static str),
     #[error("request header fields too large")]
     HeadersTooLarge,
+    #[error("request headers not received in time")]
+    RequestHeadersTimeout,
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
+    #[error("transfer coding not implemented")]
+    TransferCodingNotImplemented,
 }
 
 impl HttpError {
@@ -44,6 +50,9 @@ impl HttpError {
             HttpError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HttpError::RequestHeadersTimeout => StatusCode::REQUEST_TIMEOUT,
+            HttpError::VersionNotSupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            HttpError::TransferCodingNotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -59,12 +68,22 @@ impl HttpError {
             HttpError::UpstreamProtocol(_) => "upstream_protocol_error",
             HttpError::BadRequest(_) => "bad_request",
             HttpError::HeadersTooLarge => "headers_too_large",
+            HttpError::RequestHeadersTimeout => "request_headers_timeout",
+            HttpError::VersionNotSupported => "http_version_not_supported",
+            HttpError::TransferCodingNotImplemented => "transfer_coding_not_implemented",
         }
     }
 
     /// The connection must be closed after this response (framing can't be trusted).
     pub fn closes_connection(&self) -> bool {
-        matches!(self, HttpError::BadRequest(_) | HttpError::HeadersTooLarge)
+        matches!(
+            self,
+            HttpError::BadRequest(_)
+                | HttpError::HeadersTooLarge
+                | HttpError::RequestHeadersTimeout
+                | HttpError::VersionNotSupported
+                | HttpError::TransferCodingNotImplemented
+        )
     }
 
     /// The local response for this error.

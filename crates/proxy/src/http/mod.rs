@@ -1,8 +1,9 @@
 //! The HTTP layer of the data plane: compiled route tables and clusters ([`HttpState`],
 //! built by [`compile`]) and the per-connection server ([`serve_connection`]).
 //!
-//! Modules, in pipeline order: `conn` (hyper server, idle timeout, drain) → `guard`
-//! (HTTP/1 framing checks) → `service` (the request pipeline) → `router` (vhost and route
+//! Modules, in pipeline order: `conn` (protocol choice; hyper's HTTP/2 server, its idle
+//! timeout and drain) → `h1` (our HTTP/1.x server: heads, framing checks, bodies,
+//! keep-alive) → `service` (the request pipeline) → `router` (vhost and route
 //! matching) → `filters` (header mutation, rewrites, hop-by-hop, x-forwarded-*) →
 //! `upstream` (clusters, balancers from `crate::lb`, pooled clients) → `body` (streaming
 //! bodies with byte counts) → `log` (JSON access log); `error` maps failures to responses.
@@ -11,7 +12,7 @@ pub mod body;
 pub mod conn;
 pub mod error;
 pub mod filters;
-pub mod guard;
+pub mod h1;
 pub mod log;
 pub mod router;
 pub mod service;

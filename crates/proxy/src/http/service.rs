@@ -16,14 +16,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{Finish, RequestBody, ResponseBody};
 use super::conn::{ConnCtx, InFlight};
 use super::error::HttpError;
 use super::filters::{is_upgrade_request, replace_prefix, set_forwarded, strip_hop_by_hop};
-use super::guard::Verdict;
+use super::h1::OnUpgrade;
 use super::log::LogEntry;
 use super::router::{
     Action, Forward, HashPolicy, Redirect, RedirectPath, RequestView, Route, RouteTable,
@@ -45,9 +44,9 @@ struct Outcome<'s> {
     received: Option<Arc<AtomicU64>>,
 }
 
-/// hyper service entry point.
+/// The pipeline's entry point, for both servers (our HTTP/1 one and hyper's HTTP/2 one).
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
@@ -114,32 +113,16 @@ pub async fn handle(
 }
 
 async fn pipeline<'s>(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     is_h1: bool,
     ctx: &Arc<ConnCtx>,
     snap: &'s Snapshot,
     out: &mut Outcome<'s>,
 ) -> Result<Response<ResponseBody>, HttpError> {
-    // Framing: verdicts of the HTTP/1 guard for this request, then the headers as hyper
-    // passed them (covers HTTP/2 too).
-    if is_h1 {
-        let seq = ctx
-            .h1_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match ctx.guard.verdict(seq) {
-            None => {}
-            Some(Verdict::TooLarge) => return Err(HttpError::HeadersTooLarge),
-            Some(Verdict::ClAndTe) => {
-                return Err(HttpError::BadRequest(
-                    "both content-length and transfer-encoding",
-                ));
-            }
-            Some(Verdict::DuplicateCl) => {
-                return Err(HttpError::BadRequest("duplicate content-length"));
-            }
-        }
+    // HTTP/1 framing was checked on the raw head (h1/head.rs); HTTP/2 headers here.
+    if !is_h1 {
+        check_framing(req.headers())?;
     }
-    check_framing(req.headers())?;
 
     let table = snap
         .http
@@ -298,7 +281,7 @@ pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> 
 }
 
 async fn forward<'s>(
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     is_h1: bool,
     ctx: &Arc<ConnCtx>,
     fwd: &'s Forward,
@@ -335,9 +318,13 @@ async fn forward<'s>(
 
     let h2_upstream = cluster.protocol() == biplane_config::UpstreamProtocol::Http2;
     let upgrade = is_h1 && !h2_upstream && is_upgrade_request(req.headers());
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = if upgrade {
+        req.extensions_mut().remove::<OnUpgrade>()
+    } else {
+        None
+    };
 
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let headers = &mut parts.headers;
     if !headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
@@ -394,7 +381,8 @@ async fn forward<'s>(
         .access_log
         .then(|| Arc::new(AtomicU64::new(0)));
     out.received = received.clone();
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
+    body.count_into(received);
+    let upstream_req = Request::from_parts(parts, body);
 
     let fut = cluster.send(ep, upstream_req, upgrade);
     let res = match fwd.timeout {
@@ -416,9 +404,8 @@ async fn forward<'s>(
     if switching && let Some(down) = on_upgrade {
         let up = hyper::upgrade::on(&mut res);
         tokio::spawn(async move {
-            match tokio::join!(down, up) {
-                (Ok(down), Ok(up)) => {
-                    let mut down = TokioIo::new(down);
+            match tokio::join!(down.get(), up) {
+                (Ok(mut down), Ok(up)) => {
                     let mut up = TokioIo::new(up);
                     if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
                         tracing::debug!(error = %e, "upgraded tunnel ended with error");
