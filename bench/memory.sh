@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory at scale: Biplane's RSS idle, with 10k idle keep-alive connections, and with
-# 10k routes / 1k backends configured, beside NGINX and HAProxy in the same run.
+# 10k routes / 1k backends configured, beside NGINX, HAProxy and Envoy in the same run.
 # See docs/benchmarks.md.
 #
 #   bench/memory.sh           # BENCH_IDLE_CONNS (10000), BENCH_ROUTES (10000), BENCH_BACKENDS (1000)
@@ -11,5 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/setup.sh
 bench_install
+bench_envoy
 bench_build
 exec python3 bench/memory.py "$@"

