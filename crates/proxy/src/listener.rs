@@ -301,9 +301,9 @@ pub fn spawn(
                         let guard = ConnGuard::new(&tracker, table.conns_active.clone());
                         let shared = shared.clone();
                         let drain = drain_rx.clone();
-                        // Boxed: the connection future is kilobytes (hyper's connection
-                        // state lives in it); the task cell then holds a pointer, so spawning
-                        // and completing the task do not copy it around.
+                        // Boxed: the connection future is kilobytes (about 3 KiB for a
+                        // plaintext HTTP/1 connection); the task cell then holds a pointer,
+                        // so spawning and completing the task do not copy it around.
                         let task = tokio::spawn(Box::pin(async move {
                             let _guard = guard;
                             handle(stream, peer, local, table, shared, drain).await;
@@ -501,7 +501,7 @@ async fn handle(
         tracing::debug!(listener = %table.name, %peer, ?sni, is_tls, "closing: no filter chain matches");
         return;
     };
-    let mut conn = ConnInfo {
+    let conn = ConnInfo {
         listener: table.name.clone(),
         peer,
         local,
@@ -517,26 +517,45 @@ async fn handle(
         }
         Some(acceptor) => {
             drop(table);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = %conn.listener, %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(listener = %conn.listener, %peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let (_, session) = tls.get_ref();
-            conn.tls = true;
-            conn.alpn_h2 = session.alpn_protocol() == Some(b"h2");
-            if conn.sni.is_none() {
-                conn.sni = session.server_name().map(Arc::from);
-            }
-            dispatch(tls, conn, handler, shared, drain).await;
+            // Boxed, like every branch a plaintext HTTP/1 connection does not take: the
+            // task's future is as large as its largest branch, and an idle keep-alive
+            // connection should not carry the TLS and L4 states around.
+            Box::pin(tls_then_dispatch(
+                stream, acceptor, conn, handler, shared, drain,
+            ))
+            .await;
         }
     }
+}
+
+/// TLS termination, then the chain's handler on the decrypted stream.
+async fn tls_then_dispatch(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    mut conn: ConnInfo,
+    handler: Handler,
+    shared: Arc<Shared>,
+    drain: watch::Receiver<bool>,
+) {
+    let peer = conn.peer;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = %conn.listener, %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %conn.listener, %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    conn.tls = true;
+    conn.alpn_h2 = session.alpn_protocol() == Some(b"h2");
+    if conn.sni.is_none() {
+        conn.sni = session.server_name().map(Arc::from);
+    }
+    dispatch(tls, conn, handler, shared, drain).await;
 }
 
 async fn dispatch<IO>(
@@ -553,7 +572,7 @@ async fn dispatch<IO>(
         Handler::Tcp(tcp) => {
             // An L4 session has no request boundary to stop at: on drain it keeps going
             // until it ends or the drain deadline aborts it (as Envoy's tcp_proxy does).
-            if let Err(e) = crate::tcp::proxy(io, &conn, &tcp).await {
+            if let Err(e) = Box::pin(crate::tcp::proxy(io, &conn, &tcp)).await {
                 tracing::debug!(listener = %conn.listener, peer = %conn.peer, error = %e, "tcp proxy");
             }
         }

@@ -132,13 +132,14 @@ pub async fn serve_connection<IO: ConnIo>(
         shared,
         activity: Activity::new(),
     });
+    // HTTP/2 boxed: an idle HTTP/1 connection should not carry its state around.
     if alpn_h2 {
-        serve_h2(io, Bytes::new(), ctx, shutdown).await;
+        Box::pin(serve_h2(io, Bytes::new(), ctx, shutdown)).await;
         return;
     }
     match super::h1::serve(io, ctx.clone(), shutdown.clone(), !ctx.info.tls).await {
         Exit::Done => {}
-        Exit::H2c(io, prefix) => serve_h2(io, prefix, ctx, shutdown).await,
+        Exit::H2c(io, prefix) => Box::pin(serve_h2(io, prefix, ctx, shutdown)).await,
     }
 }
 

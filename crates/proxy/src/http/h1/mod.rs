@@ -199,7 +199,7 @@ pub async fn serve<IO: ConnIo>(
     let mut last_active = Instant::now();
     let mut idle_sleep = pin!(tokio::time::sleep(limits.idle.unwrap_or(far)));
 
-    loop {
+    'conn: loop {
         if *shutdown.borrow_and_update() && rbuf.is_empty() {
             break;
         }
@@ -225,22 +225,20 @@ pub async fn serve<IO: ConnIo>(
                     Next::Started => continue,
                     next => break next,
                 },
-                () = drain_requested(&mut shutdown), if waiting => {
-                    return close(io).await;
-                }
+                () = drain_requested(&mut shutdown), if waiting => break 'conn,
                 () = &mut idle_sleep, if waiting && limits.idle.is_some() => {
                     let idle = limits.idle.unwrap_or(far);
                     let deadline = last_active + idle;
                     if deadline <= Instant::now() {
                         tracing::debug!(peer = %ctx.info.peer, "closing idle connection");
-                        return close(io).await;
+                        break 'conn;
                     }
                     idle_sleep.as_mut().reset(deadline.into());
                 }
                 () = poll_deadline(head_deadline.as_mut()), if !waiting => {
                     tracing::debug!(peer = %ctx.info.peer, "request headers timed out");
                     let res = HttpError::RequestHeadersTimeout.to_response();
-                    respond_and_close(io, res).await;
+                    Box::pin(respond_and_close(io, res)).await;
                     return Exit::Done;
                 }
             }
@@ -259,14 +257,14 @@ pub async fn serve<IO: ConnIo>(
                     HeadError::NotImplemented => HttpError::TransferCodingNotImplemented,
                 }
                 .to_response();
-                respond_and_close(io, res).await;
+                Box::pin(respond_and_close(io, res)).await;
                 return Exit::Done;
             }
         };
 
         match exchange(&mut io, &mut rbuf, head, &ctx, &shutdown).await {
             After::KeepAlive => last_active = Instant::now(),
-            After::Close => return close(io).await,
+            After::Close => break,
             After::Abort => return Exit::Done,
             After::Upgrade(tx) => {
                 let read = rbuf.split().freeze();
@@ -279,7 +277,7 @@ pub async fn serve<IO: ConnIo>(
             }
         }
     }
-    close(io).await
+    Box::pin(close(io)).await
 }
 
 /// What to do with the connection after an exchange.
@@ -410,7 +408,12 @@ async fn exchange<IO: ConnIo>(
                         f.abort();
                         return After::Close;
                     }
-                    match tokio::time::timeout(LINGER, discard(io, rbuf, &mut f.decoder)).await {
+                    // Boxed: a cold path, kept out of the connection's resident state.
+                    let drained = Box::pin(tokio::time::timeout(
+                        LINGER,
+                        discard(io, rbuf, &mut f.decoder),
+                    ));
+                    match drained.await {
                         Ok(true) => After::KeepAlive,
                         _ => {
                             f.abort();
