@@ -1121,3 +1121,249 @@ async fn access_log_line_written() {
     reason = "keeps the Frame import meaningful for future trailer tests"
 )]
 fn _frame(_: Frame<Bytes>, _: Method) {}
+
+// ---------------------------------------------------------------------------------------
+// Our HTTP/1 server: what hyper's did for us, and what it could not
+// ---------------------------------------------------------------------------------------
+
+async fn simple_proxy() -> (Upstream, Proxy) {
+    let up = upstream("a").await;
+    let p = proxy(
+        config(
+            &["*"],
+            vec![
+                route(
+                    "local",
+                    prefix("/local"),
+                    cfg::RouteAction::DirectResponse {
+                        status: 200,
+                        body: "local".into(),
+                    },
+                ),
+                route("r", prefix("/"), fwd(&[("a", 1)])),
+            ],
+            vec![cluster("a", &[up.addr])],
+        ),
+        hcm(),
+    )
+    .await;
+    (up, p)
+}
+
+/// Reads one response (head and a Content-Length or chunked body) off `s`; bytes of the
+/// next response stay in `carry`.
+async fn read_response(s: &mut TcpStream, carry: &mut Vec<u8>) -> String {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(end) = carry.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&carry[..end]).to_lowercase();
+            let body_start = end + 4;
+            let len = if let Some(cl) = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+            {
+                let n = cl.trim().parse::<usize>().unwrap();
+                (carry.len() >= body_start + n).then_some(body_start + n)
+            } else if head.contains("transfer-encoding: chunked") {
+                // The last chunk, then trailer fields up to an empty line.
+                carry[body_start..]
+                    .windows(5)
+                    .position(|w| w == b"0\r\n\r\n" || w.starts_with(b"\r\n0\r\n"))
+                    .and_then(|p| {
+                        let rest = &carry[body_start + p..];
+                        rest.windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .map(|e| body_start + p + e + 4)
+                    })
+            } else {
+                Some(body_start)
+            };
+            if let Some(len) = len {
+                let one: Vec<u8> = carry.drain(..len).collect();
+                return String::from_utf8_lossy(&one).into_owned();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                let all: Vec<u8> = std::mem::take(carry);
+                return String::from_utf8_lossy(&all).into_owned();
+            }
+            Ok(Ok(n)) => carry.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn h1_pipelined_requests_are_answered_in_order() {
+    let (up, p) = simple_proxy().await;
+    let res = raw_exchange(
+        p.addr,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /local HTTP/1.1\r\nHost: a\r\n\r\nGET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let first = res.find("x-seen-path: /first").unwrap();
+    let local = res.find("\r\n\r\nlocal").unwrap();
+    let third = res.find("x-seen-path: /third").unwrap();
+    assert!(first < local && local < third, "{res}");
+    assert_eq!(res.matches("HTTP/1.1 200").count(), 3, "{res}");
+    assert!(res.contains("connection: close"), "{res}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn h1_http10_keep_alive_only_when_asked() {
+    let (_up, p) = simple_proxy().await;
+    // HTTP/1.0 without keep-alive: one response, then the connection closes.
+    let res = raw_exchange(p.addr, b"GET /local HTTP/1.0\r\n\r\n").await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(res.contains("connection: close"), "{res}");
+    // With keep-alive: the connection stays for a second request.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut carry = Vec::new();
+    s.write_all(b"GET /local HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let res = read_response(&mut s, &mut carry).await;
+    assert!(res.contains("connection: keep-alive"), "{res}");
+    s.write_all(b"GET /local HTTP/1.0\r\n\r\n").await.unwrap();
+    let res = read_response(&mut s, &mut carry).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+}
+
+#[tokio::test]
+async fn h1_expect_continue_and_chunked_request_with_trailers() {
+    let (_up, p) = simple_proxy().await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut carry = Vec::new();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The go-ahead comes before we send the body (the upstream asked for it).
+    let mut buf = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.unwrap();
+    let res = read_response(&mut s, &mut carry).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(res.ends_with("\r\n\r\nhello"), "{res}");
+
+    // Chunked in, with extensions and trailer fields (decoded and handed on; hyper's HTTP/1
+    // client sends trailers upstream only when a `Trailer` header announced them); the
+    // echo streams the body back.
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n4\r\ndefg\r\n0\r\nx-checksum: 1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let res = read_response(&mut s, &mut carry).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let body: String = res
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .filter(|l| l.chars().all(|c| c.is_ascii_lowercase()) && !l.is_empty())
+        .collect();
+    assert_eq!(body, "abcdefg", "{res}");
+}
+
+#[tokio::test]
+async fn h1_unread_body_is_drained_and_the_connection_kept() {
+    let (_up, p) = simple_proxy().await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut carry = Vec::new();
+    // A local answer never reads the body; the next request must still parse.
+    s.write_all(b"POST /local HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789GET /local HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut s, &mut carry).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(!first.contains("connection: close"), "{first}");
+    let second = read_response(&mut s, &mut carry).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    // Chunked, too.
+    s.write_all(b"POST /local HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /local HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let third = read_response(&mut s, &mut carry).await;
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+    let fourth = read_response(&mut s, &mut carry).await;
+    assert!(fourth.starts_with("HTTP/1.1 200"), "{fourth}");
+}
+
+#[tokio::test]
+async fn h1_refusals_name_the_status() {
+    let (up, p) = simple_proxy().await;
+    let cases: [(&[u8], &str); 5] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", "HTTP/1.1 505"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+    ];
+    for (raw, want) in cases {
+        let res = raw_exchange(p.addr, raw).await;
+        assert!(
+            res.starts_with(want),
+            "{}: {res}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // HEAD: the upstream's length, no body.
+    let res = raw_exchange(
+        p.addr,
+        b"HEAD /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(res.ends_with("\r\n\r\n"), "{res}");
+    // Only the malformed chunked body reached the upstream as a request (its body fails),
+    // plus the HEAD.
+    assert!(up.requests.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test]
+async fn h1_request_headers_timeout_answers_408() {
+    let up = upstream("a").await;
+    let mut h = hcm();
+    h.request_headers_timeout = Some(Duration::from_millis(200));
+    let p = proxy(
+        config(
+            &["*"],
+            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+            vec![cluster("a", &[up.addr])],
+        ),
+        h,
+    )
+    .await;
+    // An idle connection is not timed out by the headers timeout...
+    let mut idle = TcpStream::connect(p.addr).await.unwrap();
+    let mut carry = Vec::new();
+    // ... but a head that stops half-way is.
+    let res = raw_exchange(p.addr, b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+    assert!(res.starts_with("HTTP/1.1 408"), "{res}");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let res = read_response(&mut idle, &mut carry).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+}

@@ -384,16 +384,17 @@ async fn forward<'s>(
     body.count_into(received);
     let upstream_req = Request::from_parts(parts, body);
 
-    let fut = cluster.send(ep, upstream_req, upgrade);
+    // The send future is created in each branch: kept in a local and then awaited, it
+    // would take its size twice in this future's state.
     let res = match fwd.timeout {
-        Some(t) => match tokio::time::timeout(t, fut).await {
+        Some(t) => match tokio::time::timeout(t, cluster.send(ep, upstream_req, upgrade)).await {
             Ok(r) => r,
             Err(_) => {
                 cluster.stats.timeouts.inc();
                 return Err(HttpError::Timeout);
             }
         },
-        None => fut.await,
+        None => cluster.send(ep, upstream_req, upgrade).await,
     };
     let mut res = res.map_err(|e| match e {
         SendError::Connect(m) => HttpError::ConnectFailure(m),

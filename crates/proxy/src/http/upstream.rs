@@ -253,50 +253,13 @@ impl ClusterState {
         upgrade: bool,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         match &self.pool {
-            Pool::H1(pool) if upgrade => pool.send_upgrade(ep, req).await,
+            // Boxed, as are the HTTP/2 dial and handshake below: rare paths, kept out of
+            // the per-request future's size.
+            Pool::H1(pool) if upgrade => Box::pin(pool.send_upgrade(ep, req)).await,
             Pool::H1(pool) => pool.send(ep, req).await,
-            Pool::H2 { slots, connector } => {
-                let slot = slots
-                    .get(ep.idx)
-                    .ok_or_else(|| SendError::Connect("no such endpoint".into()))?;
-                let mut sender = match slot.cached() {
-                    Some(s) => s,
-                    None => {
-                        let _dialing = slot.dialing.lock().await;
-                        match slot.cached() {
-                            Some(s) => s,
-                            None => {
-                                let conn = connector
-                                    .connect(ep.addr)
-                                    .await
-                                    .map_err(|e| SendError::Connect(chain(&e)))?;
-                                let (sender, conn) =
-                                    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                                        .timer(TokioTimer::new())
-                                        .handshake(conn)
-                                        .await
-                                        .map_err(|e| SendError::Connect(chain(&e)))?;
-                                tokio::spawn(async move {
-                                    if let Err(e) = conn.await {
-                                        tracing::debug!(error = %e, "upstream h2 connection ended with error");
-                                    }
-                                });
-                                slot.store(sender.clone());
-                                sender
-                            }
-                        }
-                    }
-                };
-                sender
-                    .ready()
-                    .await
-                    .map_err(|e| SendError::Protocol(chain(&e)))?;
-                sender
-                    .send_request(req)
-                    .await
-                    .map(|res| res.map(UpstreamBody::plain))
-                    .map_err(|e| SendError::Protocol(chain(&e)))
-            }
+            // Boxed: the HTTP/2 exchange's state is twice an HTTP/1.1 one's, and would size
+            // every request's future.
+            Pool::H2 { slots, connector } => Box::pin(send_h2(slots, connector, ep, req)).await,
         }
     }
 
@@ -682,6 +645,63 @@ impl H1Pool {
             .map(|res| res.map(UpstreamBody::plain))
             .map_err(|e| SendError::Protocol(chain(&e)))
     }
+}
+
+/// One exchange on the endpoint's shared HTTP/2 connection (dialed on first use).
+async fn send_h2(
+    slots: &[H2Slot],
+    connector: &ConnectorInner,
+    ep: &UpEndpoint,
+    req: http::Request<RequestBody>,
+) -> Result<http::Response<UpstreamBody>, SendError> {
+    let slot = slots
+        .get(ep.idx)
+        .ok_or_else(|| SendError::Connect("no such endpoint".into()))?;
+    let mut sender = match slot.cached() {
+        Some(s) => s,
+        None => {
+            let _dialing = slot.dialing.lock().await;
+            match slot.cached() {
+                Some(s) => s,
+                None => {
+                    let sender = Box::pin(dial_h2(connector, ep.addr)).await?;
+                    slot.store(sender.clone());
+                    sender
+                }
+            }
+        }
+    };
+    sender
+        .ready()
+        .await
+        .map_err(|e| SendError::Protocol(chain(&e)))?;
+    sender
+        .send_request(req)
+        .await
+        .map(|res| res.map(UpstreamBody::plain))
+        .map_err(|e| SendError::Protocol(chain(&e)))
+}
+
+/// A new HTTP/2 connection to `addr`, driven by a task of its own.
+async fn dial_h2(
+    connector: &ConnectorInner,
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<RequestBody>, SendError> {
+    let conn = connector
+        .connect(addr)
+        .await
+        .map_err(|e| SendError::Connect(chain(&e)))?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(conn)
+        .await
+        .map_err(|e| SendError::Connect(chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream h2 connection ended with error");
+        }
+    });
+    Ok(sender)
 }
 
 /// A pooled connection lent to one response; goes back to its pool when the body is over.

@@ -302,8 +302,10 @@ pub enum Fed {
     Complete,
     /// The body was dropped before its end: the rest is still on the connection.
     Abandoned,
-    /// The body could not be read (malformed, connection closed, I/O error): the
-    /// connection cannot carry another request.
+    /// The body broke the chunked coding: the client gets a 400, and the connection
+    /// cannot carry another request.
+    Malformed,
+    /// The body could not be read (connection closed, I/O error).
     Failed,
 }
 
@@ -346,6 +348,12 @@ impl Feeder {
     /// How feeding ended, once it has.
     pub fn outcome(&self) -> Option<Fed> {
         self.done
+    }
+
+    /// The client asked for `100 Continue` and has not been sent it (so it may never
+    /// send the body).
+    pub fn continue_pending(&self) -> bool {
+        self.continue_left.is_some()
     }
 
     /// Whether a frame was handed over since the last call.
@@ -451,9 +459,14 @@ impl Feeder {
 
     fn fail(&mut self, cx: &Context<'_>, e: BodyError) -> Fed {
         tracing::debug!(error = %e, "downstream request body failed");
+        let fed = if matches!(e, BodyError::Malformed(_)) {
+            Fed::Malformed
+        } else {
+            Fed::Failed
+        };
         self.put(cx, Some(Err(e)), true);
-        self.done = Some(Fed::Failed);
-        Fed::Failed
+        self.done = Some(fed);
+        fed
     }
 
     /// Marks the body as ended without reading on (the connection is going away): a body

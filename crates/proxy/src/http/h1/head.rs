@@ -53,7 +53,10 @@ pub enum HeadError {
     NotImplemented,
 }
 
-type Range = (usize, usize);
+type Range = (u32, u32);
+
+/// Header lines kept in place before spilling to the heap: most requests have fewer.
+const INLINE: usize = 20;
 
 /// Offsets into the buffer of one parsed head (so the buffer can be frozen afterwards).
 struct Offsets {
@@ -62,14 +65,29 @@ struct Offsets {
     path: Range,
     version: u8,
     count: usize,
-    headers: [(Range, Range); MAX_HEADERS],
+    inline: [(Range, Range); INLINE],
+    spill: Vec<(Range, Range)>,
 }
 
-/// Where `part` (a slice httparse took from `base`) lies in `base`.
+impl Offsets {
+    fn headers(&self) -> impl Iterator<Item = &(Range, Range)> {
+        self.inline
+            .get(..self.count.min(INLINE))
+            .unwrap_or_default()
+            .iter()
+            .chain(self.spill.iter())
+    }
+}
+
+/// Where `part` (a slice httparse took from `base`) lies in `base` (heads are far below
+/// 4 GiB: `max_head` bounds them).
 fn range(base: &[u8], part: &[u8]) -> Range {
     let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
     match start.checked_add(part.len()) {
-        Some(end) if end <= base.len() => (start, end),
+        Some(end) if end <= base.len() => (
+            u32::try_from(start).unwrap_or(0),
+            u32::try_from(end).unwrap_or(0),
+        ),
         _ => (0, 0),
     }
 }
@@ -104,10 +122,15 @@ fn locate(buf: &[u8], max_head: usize) -> Result<Option<Offsets>, HeadError> {
                 path: range(buf, path.as_bytes()),
                 version,
                 count: req.headers.len(),
-                headers: [((0, 0), (0, 0)); MAX_HEADERS],
+                inline: [((0, 0), (0, 0)); INLINE],
+                spill: Vec::new(),
             };
-            for (slot, h) in off.headers.iter_mut().zip(req.headers.iter()) {
-                *slot = (range(buf, h.name.as_bytes()), range(buf, h.value));
+            for (i, h) in req.headers.iter().enumerate() {
+                let r = (range(buf, h.name.as_bytes()), range(buf, h.value));
+                match off.inline.get_mut(i) {
+                    Some(slot) => *slot = r,
+                    None => off.spill.push(r),
+                }
             }
             Ok(Some(off))
         }
@@ -137,13 +160,21 @@ fn names_a_version(buf: &[u8]) -> bool {
 }
 
 fn slice(bytes: &Bytes, r: Range) -> &[u8] {
-    bytes.get(r.0..r.1).unwrap_or_default()
+    bytes.get(r.0 as usize..r.1 as usize).unwrap_or_default()
+}
+
+fn sub(bytes: &Bytes, r: Range) -> Bytes {
+    if (r.1 as usize) <= bytes.len() && r.0 <= r.1 {
+        bytes.slice(r.0 as usize..r.1 as usize)
+    } else {
+        Bytes::new()
+    }
 }
 
 fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
     let method = Method::from_bytes(slice(bytes, off.method))
         .map_err(|_| HeadError::Bad("malformed method"))?;
-    let uri = Uri::from_maybe_shared(bytes.slice(off.path.0..off.path.1))
+    let uri = Uri::from_maybe_shared(sub(bytes, off.path))
         .map_err(|_| HeadError::Bad("malformed request target"))?;
     let version = if off.version == 0 {
         Version::HTTP_10
@@ -151,7 +182,8 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
         Version::HTTP_11
     };
 
-    let mut headers = HeaderMap::with_capacity(off.count);
+    // Room for what the pipeline adds (x-forwarded-*) without growing the map.
+    let mut headers = HeaderMap::with_capacity(off.count + 4);
     let mut length: Option<u64> = None;
     let mut te_seen = false;
     let mut te_chunked_last = false;
@@ -162,7 +194,7 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
     let mut has_upgrade = false;
     let mut expect_continue = false;
     let mut hosts = 0usize;
-    for &(name, value) in off.headers.get(..off.count).unwrap_or_default() {
+    for &(name, value) in off.headers() {
         let name = HeaderName::from_bytes(slice(bytes, name))
             .map_err(|_| HeadError::Bad("malformed header name"))?;
         let raw = slice(bytes, value);
@@ -205,7 +237,7 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
         } else if name == header::UPGRADE {
             has_upgrade = true;
         }
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value.0..value.1))
+        let value = HeaderValue::from_maybe_shared(sub(bytes, value))
             .map_err(|_| HeadError::Bad("malformed header value"))?;
         headers.append(name, value);
     }

@@ -21,6 +21,7 @@ mod head;
 mod write;
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
 pub use body::{BodyError, H1Body};
-use body::{Decoder, Fed};
+use body::{Decoder, Fed, Feeder};
 use head::{Framing, Head, HeadError};
 use write::{ReqInfo, ResponseWriter, Written};
 
@@ -63,7 +64,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> ConnIo
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The read buffer's first size: a whole ordinary request head in one read.
+/// The first read of a head: a whole ordinary request head in one read.
 const INITIAL_READ: usize = 4096;
 /// Most of an unread request body we read and discard to keep the connection.
 const DRAIN_MAX: u64 = 256 * 1024;
@@ -352,9 +353,15 @@ async fn exchange<IO: ConnIo>(
 
     // A client still waiting for `100 Continue` will not send its body: we cannot tell
     // where the next request starts, so this one is the last.
-    let unsent_body = feeder
-        .as_ref()
-        .is_some_and(|f| f.outcome().is_none() && head.expect_continue);
+    let unsent_body = feeder.as_ref().is_some_and(Feeder::continue_pending);
+    // A body that broke its framing is the client's fault, whatever the upstream said
+    // about the part it got (a 502, usually): 400, and this connection is done.
+    let malformed = feeder.as_ref().and_then(Feeder::outcome) == Some(Fed::Malformed);
+    let res = if malformed {
+        HttpError::BadRequest("malformed request body").to_response()
+    } else {
+        res
+    };
     let draining = *shutdown.borrow();
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
     let mut writer = ResponseWriter::new(res, info, draining || unsent_body);
@@ -397,6 +404,7 @@ async fn exchange<IO: ConnIo>(
                 Some(Fed::Complete) if !close => After::KeepAlive,
                 Some(Fed::Complete) => After::Close,
                 Some(Fed::Failed) => After::Abort,
+                Some(Fed::Malformed) => After::Close,
                 None | Some(Fed::Abandoned) if close || unsent_body => {
                     f.abort();
                     After::Close
@@ -485,6 +493,21 @@ fn poll_next<IO: ConnIo>(
         } else if let Err(e) = std::task::ready!(io.poll_read_ready(cx)) {
             tracing::debug!(error = %e, "downstream connection");
             return Poll::Ready(Next::Closed);
+        }
+        if rbuf.is_empty() {
+            // A new head: read on the stack and keep only what came (one small
+            // allocation, no buffer of the read size per request).
+            let mut stack = [const { MaybeUninit::<u8>::uninit() }; INITIAL_READ];
+            let mut read = ReadBuf::uninit(&mut stack);
+            match std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read)) {
+                Ok(()) if read.filled().is_empty() => return Poll::Ready(Next::Closed),
+                Ok(()) => rbuf.extend_from_slice(read.filled()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "downstream connection");
+                    return Poll::Ready(Next::Closed);
+                }
+            }
+            continue;
         }
         if rbuf.capacity() - rbuf.len() < 512 {
             let grow = rbuf.len().max(INITIAL_READ);

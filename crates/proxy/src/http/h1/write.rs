@@ -70,14 +70,6 @@ fn date() -> Option<HeaderValue> {
     })
 }
 
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
-}
-
 fn parse_length(v: &HeaderValue) -> Option<u64> {
     let s = v.as_bytes();
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
@@ -143,31 +135,42 @@ impl ResponseWriter {
     /// Encodes the head of `res` and decides the body's framing. `force_close`: the
     /// connection will be closed after this response whatever the request said.
     pub fn new(res: Response<ResponseBody>, req: ReqInfo, force_close: bool) -> Self {
-        let (mut parts, body) = res.into_parts();
+        let (parts, body) = res.into_parts();
         let status = parts.status;
-        let h = &mut parts.headers;
-        h.remove(header::TRANSFER_ENCODING);
+        let h = &parts.headers;
         let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+        // One scan for the fields that decide framing and persistence (no hashed lookups).
+        let mut length: Option<Option<u64>> = None;
+        let mut has_date = false;
+        let mut conn_close = false;
+        for (name, value) in h {
+            if *name == header::CONTENT_LENGTH {
+                length = Some(parse_length(value));
+            } else if *name == header::DATE {
+                has_date = true;
+            } else if *name == header::CONNECTION {
+                conn_close |= value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+        }
         let bodyless = status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         let mode = if bodyless || req.head_method {
             Mode::None
-        } else if let Some(n) = h.get(header::CONTENT_LENGTH).and_then(parse_length) {
+        } else if let Some(Some(n)) = length {
             Mode::Length(n)
         } else {
-            h.remove(header::CONTENT_LENGTH);
             match body.size_hint().exact() {
                 Some(n) => Mode::Length(n),
                 None if req.version == Version::HTTP_11 => Mode::Chunked,
                 None => Mode::Close,
             }
         };
-        let close = !upgrade
-            && (force_close
-                || !req.keep_alive
-                || mode == Mode::Close
-                || has_token(h, header::CONNECTION, b"close"));
+        let close =
+            !upgrade && (force_close || !req.keep_alive || mode == Mode::Close || conn_close);
 
         let mut buf = Vec::with_capacity(256 + h.len() * 32);
         buf.extend_from_slice(b"HTTP/1.1 ");
@@ -175,19 +178,26 @@ impl ResponseWriter {
         buf.push(b' ');
         buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         buf.extend_from_slice(b"\r\n");
-        if !upgrade {
-            h.remove(header::CONNECTION);
+        for (name, value) in h {
+            // Framing and persistence are ours to say (below); `Connection: upgrade` stays
+            // on a 101. A Content-Length we could not use is dropped.
+            let ours = *name == header::TRANSFER_ENCODING
+                || (*name == header::CONNECTION && !upgrade)
+                || (*name == header::CONTENT_LENGTH && !matches!(length, Some(Some(_))));
+            if !ours {
+                buf.extend_from_slice(name.as_str().as_bytes());
+                buf.extend_from_slice(b": ");
+                buf.extend_from_slice(value.as_bytes());
+                buf.extend_from_slice(b"\r\n");
+            }
         }
-        push_fields(&mut buf, h);
-        if !h.contains_key(header::DATE)
-            && let Some(d) = date()
-        {
+        if !has_date && let Some(d) = date() {
             buf.extend_from_slice(b"date: ");
             buf.extend_from_slice(d.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
         match mode {
-            Mode::Length(n) if !h.contains_key(header::CONTENT_LENGTH) => {
+            Mode::Length(n) if !matches!(length, Some(Some(_))) => {
                 buf.extend_from_slice(b"content-length: ");
                 push_u64(&mut buf, n, 10);
                 buf.extend_from_slice(b"\r\n");
