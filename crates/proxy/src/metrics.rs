@@ -4,6 +4,8 @@
 //! clones kept in the compiled route/cluster), so the per-request path only does atomic
 //! adds: no label hashing, no allocation.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,17 +15,19 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub listener: String,
-    pub route: String,
-    pub backend: String,
+    // Shared strings: a route has ten of these label sets per listener, and 10k routes
+    // would otherwise hold 300k small string copies.
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
     /// `1xx` .. `5xx`.
     pub class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub listener: String,
-    pub route: String,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

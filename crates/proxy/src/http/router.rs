@@ -62,14 +62,14 @@ pub struct Route {
 pub struct StatusCounters([Counter; 5]);
 
 impl StatusCounters {
-    fn new(metrics: &Metrics, listener: &str, route: &str, backend: &str) -> Self {
+    fn new(metrics: &Metrics, listener: &Arc<str>, route: &Arc<str>, backend: &Arc<str>) -> Self {
         let mk = |class: &'static str| {
             metrics
                 .http_requests
                 .get_or_create(&RequestLabels {
-                    listener: listener.to_owned(),
-                    route: route.to_owned(),
-                    backend: backend.to_owned(),
+                    listener: listener.clone(),
+                    route: route.clone(),
+                    backend: backend.clone(),
                     class,
                 })
                 .clone()
@@ -470,7 +470,10 @@ impl RouteTable {
         prefix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let no_route_stats = listeners
             .iter()
-            .map(|l| (l.clone(), StatusCounters::new(metrics, l, "", "")))
+            .map(|l| {
+                let none: Arc<str> = Arc::from("");
+                (l.clone(), StatusCounters::new(metrics, l, &none, &none))
+            })
             .collect();
         Self {
             name: rc.name.as_str().into(),
@@ -591,8 +594,10 @@ fn compile_route(
             body: Bytes::from(body.clone()),
         },
     };
-    let backends: Vec<&str> = match &action {
-        Action::Forward(f) => f.targets.iter().map(|t| &*t.name).collect(),
+    let name: Arc<str> = r.name.as_str().into();
+    let local: Arc<str> = Arc::from("");
+    let backends: Vec<&Arc<str>> = match &action {
+        Action::Forward(f) => f.targets.iter().map(|t| &t.name).collect(),
         _ => Vec::new(),
     };
     let stats = listeners
@@ -600,16 +605,16 @@ fn compile_route(
         .map(|l| {
             let mut by_target: Vec<StatusCounters> = backends
                 .iter()
-                .map(|b| StatusCounters::new(metrics, l, &r.name, b))
+                .map(|b| StatusCounters::new(metrics, l, &name, b))
                 .collect();
-            by_target.push(StatusCounters::new(metrics, l, &r.name, ""));
+            by_target.push(StatusCounters::new(metrics, l, &name, &local));
             RouteStats {
                 listener: l.clone(),
                 duration: metrics
                     .http_request_duration
                     .get_or_create(&RouteLabels {
-                        listener: l.to_string(),
-                        route: r.name.clone(),
+                        listener: l.clone(),
+                        route: name.clone(),
                     })
                     .clone(),
                 by_target,
@@ -617,7 +622,7 @@ fn compile_route(
         })
         .collect();
     Route {
-        name: r.name.as_str().into(),
+        name,
         path,
         method,
         headers,
