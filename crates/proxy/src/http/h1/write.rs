@@ -236,17 +236,36 @@ impl ResponseWriter {
         io: &mut IO,
     ) -> Poll<Written> {
         loop {
+            // Take what the body has ready before writing: a small response (head and
+            // body) then leaves in one write, and a large one in one vectored write.
+            let mut waiting = false;
+            while !self.ended && self.data.is_empty() && self.buf.len() - self.pos < COPY_MAX {
+                let Some(body) = self.body.as_mut() else {
+                    self.ended = true;
+                    break;
+                };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => {
+                        waiting = true;
+                        break;
+                    }
+                    Poll::Ready(frame) => self.take(frame),
+                }
+            }
             if let Err(e) = ready!(self.poll_flush_bufs(cx, io)) {
                 tracing::debug!(error = %e, "writing response");
                 self.body = None;
                 return Poll::Ready(Written::Failed);
             }
-            if self.ended {
+            if self.ended || waiting {
+                // Make sure what we have reaches the client (TLS buffers).
                 if let Err(e) = ready!(Pin::new(&mut *io).poll_flush(cx)) {
                     tracing::debug!(error = %e, "flushing response");
                     self.body = None;
                     return Poll::Ready(Written::Failed);
                 }
+            }
+            if self.ended {
                 // Runs the request's finish work (access log, in-flight count).
                 self.body = None;
                 return Poll::Ready(if self.failed {
@@ -255,51 +274,42 @@ impl ResponseWriter {
                     Written::Done { close: self.close }
                 });
             }
-            let Some(body) = self.body.as_mut() else {
+            if waiting {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Queues one frame of the body (or its end).
+    fn take(&mut self, frame: Option<Result<http_body::Frame<Bytes>, hyper::Error>>) {
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => self.queue_data(data),
+                Err(frame) => {
+                    if let (Ok(trailers), Mode::Chunked) = (frame.into_trailers(), self.mode) {
+                        self.buf.extend_from_slice(b"0\r\n");
+                        push_fields(&mut self.buf, &trailers);
+                        self.buf.extend_from_slice(b"\r\n");
+                        self.ended = true;
+                    }
+                }
+            },
+            None => {
+                match self.mode {
+                    Mode::Chunked => self.buf.extend_from_slice(b"0\r\n\r\n"),
+                    Mode::Length(left) if left > 0 => {
+                        tracing::debug!(left, "response body shorter than its content-length");
+                        self.failed = true;
+                    }
+                    _ => {}
+                }
                 self.ended = true;
-                continue;
-            };
-            let frame = match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => {
-                    // Nothing more yet: make sure what we have reaches the client.
-                    if let Err(e) = ready!(Pin::new(&mut *io).poll_flush(cx)) {
-                        tracing::debug!(error = %e, "flushing response");
-                        self.body = None;
-                        return Poll::Ready(Written::Failed);
-                    }
-                    return Poll::Pending;
-                }
-                Poll::Ready(f) => f,
-            };
-            match frame {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.queue_data(data),
-                    Err(frame) => {
-                        if let (Ok(trailers), Mode::Chunked) = (frame.into_trailers(), self.mode) {
-                            self.buf.extend_from_slice(b"0\r\n");
-                            push_fields(&mut self.buf, &trailers);
-                            self.buf.extend_from_slice(b"\r\n");
-                            self.ended = true;
-                        }
-                    }
-                },
-                None => {
-                    match self.mode {
-                        Mode::Chunked => self.buf.extend_from_slice(b"0\r\n\r\n"),
-                        Mode::Length(left) if left > 0 => {
-                            tracing::debug!(left, "response body shorter than its content-length");
-                            self.failed = true;
-                        }
-                        _ => {}
-                    }
-                    self.ended = true;
-                }
-                Some(Err(e)) => {
-                    // The client must see an incomplete message: no last chunk, and close.
-                    tracing::debug!(error = %e, "upstream response body failed");
-                    self.failed = true;
-                    self.ended = true;
-                }
+            }
+            Some(Err(e)) => {
+                // The client must see an incomplete message: no last chunk, and close.
+                tracing::debug!(error = %e, "upstream response body failed");
+                self.failed = true;
+                self.ended = true;
             }
         }
     }
