@@ -332,21 +332,13 @@ async fn exchange<IO: ConnIo>(
     // The pipeline, boxed: it is most of this connection's state while a request is in
     // flight, and need not be kept while the connection is idle.
     let mut handler = Box::pin(super::service::handle(req, ctx.clone()));
-    // The body's consumer runs in this task (for an HTTP/1.1 upstream): after each frame
-    // handed over, it is polled again.
     let res = std::future::poll_fn(|cx| {
-        loop {
-            if let Poll::Ready(Ok(res)) = handler.as_mut().poll(cx) {
-                return Poll::Ready(res);
-            }
-            let Some(f) = feeder.as_mut() else {
-                return Poll::Pending;
-            };
-            let _ = f.poll_feed(cx, io, rbuf);
-            if !f.take_delivered() {
-                return Poll::Pending;
-            }
-        }
+        with_body(cx, io, rbuf, &mut feeder, |cx, _| {
+            handler.as_mut().poll(cx).map(|r| match r {
+                Ok(res) => res,
+                Err(never) => match never {},
+            })
+        })
     })
     .await;
     drop(handler);
@@ -366,19 +358,9 @@ async fn exchange<IO: ConnIo>(
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
     let mut writer = ResponseWriter::new(res, info, draining || unsent_body);
     let written = std::future::poll_fn(|cx| {
-        loop {
-            let w = writer.poll_write(cx, io);
-            if w.is_ready() {
-                return w;
-            }
-            let Some(f) = feeder.as_mut() else {
-                return Poll::Pending;
-            };
-            let _ = f.poll_feed(cx, io, rbuf);
-            if !f.take_delivered() {
-                return Poll::Pending;
-            }
-        }
+        with_body(cx, io, rbuf, &mut feeder, |cx, io| {
+            writer.poll_write(cx, io)
+        })
     })
     .await;
     match written {
@@ -430,6 +412,30 @@ async fn exchange<IO: ConnIo>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Polls `step` (the request pipeline, then the response writer) and serves the request
+/// body's demand in between, until `step` is ready. The body's consumer may run in this
+/// task (an HTTP/1.1 upstream): after each frame handed over, `step` is polled again.
+fn with_body<IO: ConnIo, T>(
+    cx: &mut Context<'_>,
+    io: &mut IO,
+    rbuf: &mut BytesMut,
+    feeder: &mut Option<Feeder>,
+    mut step: impl FnMut(&mut Context<'_>, &mut IO) -> Poll<T>,
+) -> Poll<T> {
+    loop {
+        if let Poll::Ready(t) = step(cx, io) {
+            return Poll::Ready(t);
+        }
+        let Some(f) = feeder.as_mut() else {
+            return Poll::Pending;
+        };
+        let _ = f.poll_feed(cx, io, rbuf);
+        if !f.take_delivered() {
+            return Poll::Pending;
         }
     }
 }
