@@ -245,6 +245,10 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
     if hosts > 1 {
         return Err(HeadError::Bad("more than one host header"));
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host (and not in absolute form) is a 400.
+    if hosts == 0 && version == Version::HTTP_11 && uri.authority().is_none() {
+        return Err(HeadError::Bad("missing host header"));
+    }
     let framing = if te_seen {
         if length.is_some() {
             return Err(HeadError::Bad("both content-length and transfer-encoding"));
@@ -351,21 +355,29 @@ mod tests {
         assert_eq!(h.framing, Framing::None);
         let h = ok(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
+        // Host: required in HTTP/1.1 unless the target is in absolute form.
+        assert_eq!(
+            p(b"GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+            HeadError::Bad("missing host header")
+        );
+        let h = ok(b"GET http://a.example/x HTTP/1.1\r\n\r\n");
+        assert_eq!(h.uri.host(), Some("a.example"));
+        assert!(ok(b"GET / HTTP/1.0\r\n\r\n").headers.is_empty());
         let bad: &[&[u8]] = &[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5x\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: 5x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: z\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
-            b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
-            b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: z\r\nNoColon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: z\r\nX: a\r\n folded\r\n\r\n",
             b"THIS IS NOT HTTP\r\n\r\n",
         ];
         for raw in bad {
@@ -376,7 +388,8 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
-        let e = p(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err();
+        let e = p(b"POST / HTTP/1.1\r\nHost: z\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap_err();
         assert_eq!(e, HeadError::NotImplemented);
         assert_eq!(
             p(b"GET / HTTP/2.0\r\n\r\n").unwrap_err(),
@@ -386,23 +399,24 @@ mod tests {
 
     #[test]
     fn connection_semantics() {
-        assert!(!ok(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!ok(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
         let h = ok(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(h.keep_alive);
         assert_eq!(h.version, Version::HTTP_10);
         let h =
-            ok(b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
+            ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
         assert!(h.upgrade && h.keep_alive);
-        assert!(!ok(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
-        let h = ok(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(!ok(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        let h =
+            ok(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
         assert!(h.expect_continue);
-        assert!(!ok(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+        assert!(!ok(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n").expect_continue);
     }
 
     #[test]
     fn leading_empty_lines_are_skipped() {
-        let h = ok(b"\r\n\r\nGET /x HTTP/1.1\r\n\r\n");
+        let h = ok(b"\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(h.uri.path(), "/x");
     }
 }
