@@ -49,11 +49,22 @@ pub trait ConnIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// Whether ending the connection needs a shutdown first (TLS: the close_notify alert).
+    /// A plain socket's close sends the FIN by itself: a `shutdown` would be a syscall more
+    /// per connection for nothing.
+    fn shutdown_before_close(&self) -> bool {
+        true
+    }
 }
 
 impl ConnIo for TcpStream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn shutdown_before_close(&self) -> bool {
+        false
     }
 }
 
@@ -551,7 +562,9 @@ async fn poll_deadline(sleep: Option<&mut Pin<Box<tokio::time::Sleep>>>) {
 
 /// Ends the connection after our last response: FIN (and TLS close_notify).
 async fn close<IO: ConnIo>(mut io: IO) -> Exit<IO> {
-    let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
+    if io.shutdown_before_close() {
+        let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
+    }
     Exit::Done
 }
 
