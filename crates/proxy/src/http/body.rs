@@ -126,8 +126,8 @@ enum Kind {
 /// Work done once when the response is over.
 #[derive(Debug)]
 pub struct Finish {
-    /// Counts the request as in flight on its connection until dropped.
-    pub in_flight: InFlight,
+    /// Counts the request as in flight on its HTTP/2 connection until dropped.
+    pub in_flight: Option<InFlight>,
     pub log: Option<Box<LogEntry>>,
     /// Keeps the request counted as active on its endpoint (LeastRequest).
     pub load: Option<LoadGuard>,

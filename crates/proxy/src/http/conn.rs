@@ -64,8 +64,8 @@ impl Activity {
     }
 }
 
-/// A request in flight on its connection (for the idle timeout), released when dropped —
-/// also when hyper drops the request future (client reset, connection gone).
+/// A request in flight on its HTTP/2 connection (for the idle timeout), released when
+/// dropped — also when hyper drops the request future (stream reset, connection gone).
 #[derive(Debug)]
 pub struct InFlight(Arc<ConnCtx>);
 

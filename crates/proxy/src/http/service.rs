@@ -50,8 +50,10 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    let in_flight = InFlight::start(ctx.clone());
     let is_h1 = req.version() != Version::HTTP_2;
+    // Only HTTP/2's idle timeout counts requests in flight (conn.rs); the HTTP/1 server
+    // knows when it waits for a request.
+    let in_flight = (!is_h1).then(|| InFlight::start(ctx.clone()));
     let mut log = ctx.shared.options.access_log.then(|| {
         Box::new(LogEntry {
             time: SystemTime::now(),

@@ -202,7 +202,7 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
             if length.is_some() {
                 return Err(HeadError::Bad("duplicate content-length"));
             }
-            length = Some(parse_length(raw)?);
+            length = Some(content_length(raw).ok_or(HeadError::Bad("malformed content-length"))?);
         } else if name == header::TRANSFER_ENCODING {
             te_seen = true;
             for coding in raw.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -287,19 +287,14 @@ fn build(bytes: &Bytes, off: &Offsets) -> Result<Head, HeadError> {
 }
 
 /// A Content-Length value: 1 to 19 ASCII digits, nothing else (no sign, list or spaces).
-fn parse_length(raw: &[u8]) -> Result<u64, HeadError> {
-    const BAD: HeadError = HeadError::Bad("malformed content-length");
+/// Also used for the lengths of responses (write.rs).
+pub(super) fn content_length(raw: &[u8]) -> Option<u64> {
     if raw.is_empty() || raw.len() > 19 {
-        return Err(BAD);
+        return None;
     }
-    let mut n: u64 = 0;
-    for &b in raw {
-        if !b.is_ascii_digit() {
-            return Err(BAD);
-        }
-        n = n * 10 + u64::from(b - b'0');
-    }
-    Ok(n)
+    raw.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 #[cfg(test)]

@@ -70,14 +70,6 @@ fn date() -> Option<HeaderValue> {
     })
 }
 
-fn parse_length(v: &HeaderValue) -> Option<u64> {
-    let s = v.as_bytes();
-    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(s).ok()?.parse().ok()
-}
-
 fn push_u64(out: &mut Vec<u8>, mut n: u64, radix: u64) {
     let mut tmp = [0u8; 20];
     let mut i = tmp.len();
@@ -145,7 +137,7 @@ impl ResponseWriter {
         let mut conn_close = false;
         for (name, value) in h {
             if *name == header::CONTENT_LENGTH {
-                length = Some(parse_length(value));
+                length = Some(super::head::content_length(value.as_bytes()));
             } else if *name == header::DATE {
                 has_date = true;
             } else if *name == header::CONNECTION {
