@@ -666,7 +666,7 @@ mod tests {
             address: "127.0.0.1:0".parse().unwrap(),
             filter_chains: chains,
         };
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let http = crate::http::compile(&biplane_config::Config::default(), &metrics, None);
         ChainTable::compile(&listener, &http, &metrics, None).unwrap()
     }

@@ -2,9 +2,12 @@
 //!
 //! Label sets are resolved when a config snapshot is compiled (handles are `Arc`-backed
 //! clones kept in the compiled route/cluster), so the per-request path only does atomic
-//! adds: no label hashing, no allocation.
+//! adds: no label hashing, no allocation. Per-route series ([`RouteStats`]) are created
+//! on the first request that needs them, as Istio and Linkerd do: a route that never
+//! sees traffic costs a few pointers instead of eleven series, and a config with
+//! thousands of routes does not export tens of thousands of zero lines.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -70,6 +73,12 @@ pub struct Metrics {
     /// Bytes relayed by TCP (L4) proxying, by cluster and direction.
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub config_swaps: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -168,13 +177,169 @@ impl Metrics {
     }
 }
 
-/// Status class label for a status code.
-pub fn status_class(status: u16) -> &'static str {
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index into [`CLASSES`] for a status code.
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Request metrics of one route on one listener (or of a listener's requests that
+/// matched no route: empty route and backend labels). Each series is created in the
+/// shared families on first use and its handle kept here, so later requests do one
+/// atomic load and an atomic add; a swapped-in snapshot finds the existing series, so
+/// counts survive config changes.
+#[derive(Debug)]
+pub struct RouteStats {
+    metrics: Arc<Metrics>,
+    pub listener: Arc<str>,
+    route: Arc<str>,
+    duration: OnceLock<Histogram>,
+    /// One per forward target (same order as the route's targets), then one for local
+    /// responses (redirects, direct responses, errors before a target was picked).
+    by_target: Box<[StatusCounters]>,
+}
+
+#[derive(Debug)]
+struct StatusCounters {
+    backend: Arc<str>,
+    classes: [OnceLock<Counter>; 5],
+}
+
+impl RouteStats {
+    pub fn new<'a>(
+        metrics: &Arc<Metrics>,
+        listener: &Arc<str>,
+        route: &Arc<str>,
+        backends: impl IntoIterator<Item = &'a Arc<str>>,
+        local: &'a Arc<str>,
+    ) -> Self {
+        let by_target = backends
+            .into_iter()
+            .chain(std::iter::once(local))
+            .map(|b| StatusCounters {
+                backend: b.clone(),
+                classes: Default::default(),
+            })
+            .collect();
+        Self {
+            metrics: metrics.clone(),
+            listener: listener.clone(),
+            route: route.clone(),
+            duration: OnceLock::new(),
+            by_target,
+        }
+    }
+
+    /// Counts a response with `status` for target `i` (`None`: a local response), and
+    /// observes its duration in seconds when given.
+    pub fn record(&self, target: Option<usize>, status: u16, seconds: Option<f64>) {
+        if let Some(secs) = seconds {
+            self.duration
+                .get_or_init(|| {
+                    self.metrics
+                        .http_request_duration
+                        .get_or_create(&RouteLabels {
+                            listener: self.listener.clone(),
+                            route: self.route.clone(),
+                        })
+                        .clone()
+                })
+                .observe(secs);
+        }
+        let counters = match target {
+            Some(i) => self.by_target.get(i),
+            None => self.by_target.last(),
+        };
+        let Some(counters) = counters else { return };
+        let class = class_index(status);
+        let Some(slot) = counters.classes.get(class) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.metrics
+                .http_requests
+                .get_or_create(&RequestLabels {
+                    listener: self.listener.clone(),
+                    route: self.route.clone(),
+                    backend: counters.backend.clone(),
+                    class: CLASSES.get(class).copied().unwrap_or("5xx"),
+                })
+                .clone()
+        })
+        .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str, labels: &[&str]) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && labels.iter().all(|x| l.contains(x)))
+    }
+
+    #[test]
+    fn route_series_appear_on_first_use_and_survive_a_swap() {
+        let metrics = Arc::new(Metrics::new());
+        let (l, r, b, none): (Arc<str>, Arc<str>, Arc<str>, Arc<str>) =
+            ("web".into(), "r".into(), "api".into(), "".into());
+        let stats = RouteStats::new(&metrics, &l, &r, [&b], &none);
+        let text = metrics.encode();
+        assert!(
+            !text.contains("route=\"r\""),
+            "no series before traffic:\n{text}"
+        );
+
+        stats.record(Some(0), 204, Some(0.003));
+        stats.record(None, 302, Some(0.001));
+        let text = metrics.encode();
+        let two = ["route=\"r\"", "backend=\"api\"", "class=\"2xx\""];
+        assert!(
+            line(&text, "biplane_http_requests_total{", &two)
+                .unwrap()
+                .ends_with(" 1")
+        );
+        let local = ["route=\"r\"", "backend=\"\"", "class=\"3xx\""];
+        assert!(
+            line(&text, "biplane_http_requests_total{", &local)
+                .unwrap()
+                .ends_with(" 1")
+        );
+        assert!(line(&text, "biplane_http_requests_total{", &["class=\"5xx\""]).is_none());
+        let count = line(
+            &text,
+            "biplane_http_request_duration_seconds_count{",
+            &["route=\"r\""],
+        );
+        assert!(count.unwrap().ends_with(" 2"), "{text}");
+
+        // A recompiled snapshot finds the same series.
+        let swapped = RouteStats::new(&metrics, &l, &r, [&b], &none);
+        swapped.record(Some(0), 200, None);
+        let text = metrics.encode();
+        assert!(
+            line(&text, "biplane_http_requests_total{", &two)
+                .unwrap()
+                .ends_with(" 2")
+        );
+        let count = line(
+            &text,
+            "biplane_http_request_duration_seconds_count{",
+            &["route=\"r\""],
+        );
+        assert!(
+            count.unwrap().ends_with(" 2"),
+            "no duration given, none observed"
+        );
     }
 }

@@ -44,7 +44,7 @@ pub struct HttpState {
 /// (the config is validated).
 pub fn compile(
     config: &biplane_config::Config,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     previous: Option<&HttpState>,
 ) -> HttpState {
     let mut clusters = HashMap::with_capacity(config.clusters.len());

@@ -15,12 +15,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 
 use super::filters::{HeaderMutation, PathRewrite};
 use super::upstream::ClusterState;
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{Metrics, RouteStats};
 
 /// A compiled `RouteConfig`.
 #[derive(Debug)]
@@ -34,7 +32,7 @@ pub struct RouteTable {
     any: Option<usize>,
     pub vhosts: Vec<VirtualHost>,
     /// Per listener, counters for requests that matched no route (404).
-    pub no_route_stats: Vec<(Arc<str>, StatusCounters)>,
+    pub no_route_stats: Vec<RouteStats>,
 }
 
 #[derive(Debug)]
@@ -55,60 +53,6 @@ pub struct Route {
     pub action: Action,
     /// Per listener that uses this route table.
     pub stats: Vec<RouteStats>,
-}
-
-/// Status-class counters: index 0 = 1xx .. 4 = 5xx.
-#[derive(Debug, Clone)]
-pub struct StatusCounters([Counter; 5]);
-
-impl StatusCounters {
-    fn new(metrics: &Metrics, listener: &Arc<str>, route: &Arc<str>, backend: &Arc<str>) -> Self {
-        let mk = |class: &'static str| {
-            metrics
-                .http_requests
-                .get_or_create(&RequestLabels {
-                    listener: listener.clone(),
-                    route: route.clone(),
-                    backend: backend.clone(),
-                    class,
-                })
-                .clone()
-        };
-        Self([mk("1xx"), mk("2xx"), mk("3xx"), mk("4xx"), mk("5xx")])
-    }
-
-    pub fn inc(&self, status: u16) {
-        let i = match status {
-            100..=199 => 0,
-            200..=299 => 1,
-            300..=399 => 2,
-            400..=499 => 3,
-            _ => 4,
-        };
-        if let Some(c) = self.0.get(i) {
-            c.inc();
-        }
-    }
-}
-
-/// A route's metric handles for one listener.
-#[derive(Debug)]
-pub struct RouteStats {
-    pub listener: Arc<str>,
-    pub duration: Histogram,
-    /// One per forward target (same order as `Forward::targets`), then one for local
-    /// responses (redirects, direct responses; backend label empty).
-    pub by_target: Vec<StatusCounters>,
-}
-
-impl RouteStats {
-    /// Counters for target `i`, or the local ones when `i` is `None`.
-    pub fn counters(&self, target: Option<usize>) -> Option<&StatusCounters> {
-        match target {
-            Some(i) => self.by_target.get(i),
-            None => self.by_target.last(),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -434,8 +378,10 @@ impl RouteTable {
         rc: &biplane_config::RouteConfig,
         listeners: &[Arc<str>],
         clusters: &HashMap<String, Arc<ClusterState>>,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Self {
+        // The route and backend label of local responses and unmatched requests.
+        let none: Arc<str> = Arc::from("");
         let mut exact = HashMap::new();
         let mut suffix = Vec::new();
         let mut prefix = Vec::new();
@@ -458,7 +404,7 @@ impl RouteTable {
             let routes = vh
                 .routes
                 .iter()
-                .map(|r| compile_route(r, listeners, clusters, metrics))
+                .map(|r| compile_route(r, listeners, clusters, metrics, &none))
                 .collect();
             vhosts.push(VirtualHost {
                 name: vh.name.as_str().into(),
@@ -470,10 +416,7 @@ impl RouteTable {
         prefix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let no_route_stats = listeners
             .iter()
-            .map(|l| {
-                let none: Arc<str> = Arc::from("");
-                (l.clone(), StatusCounters::new(metrics, l, &none, &none))
-            })
+            .map(|l| RouteStats::new(metrics, l, &none, [], &none))
             .collect();
         Self {
             name: rc.name.as_str().into(),
@@ -486,12 +429,11 @@ impl RouteTable {
         }
     }
 
-    /// 404 counters for a listener.
-    pub fn no_route_counters(&self, listener: &str) -> Option<&StatusCounters> {
+    /// Metrics of a listener's requests that matched no route (404).
+    pub fn no_route_stats(&self, listener: &str) -> Option<&RouteStats> {
         self.no_route_stats
             .iter()
-            .find(|(l, _)| &**l == listener)
-            .map(|(_, c)| c)
+            .find(|s| &*s.listener == listener)
     }
 }
 
@@ -499,7 +441,8 @@ fn compile_route(
     r: &biplane_config::Route,
     listeners: &[Arc<str>],
     clusters: &HashMap<String, Arc<ClusterState>>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
+    local: &Arc<str>,
 ) -> Route {
     let path = PathMatcher::compile(&r.matcher.path);
     let method = r
@@ -595,31 +538,13 @@ fn compile_route(
         },
     };
     let name: Arc<str> = r.name.as_str().into();
-    let local: Arc<str> = Arc::from("");
     let backends: Vec<&Arc<str>> = match &action {
         Action::Forward(f) => f.targets.iter().map(|t| &t.name).collect(),
         _ => Vec::new(),
     };
     let stats = listeners
         .iter()
-        .map(|l| {
-            let mut by_target: Vec<StatusCounters> = backends
-                .iter()
-                .map(|b| StatusCounters::new(metrics, l, &name, b))
-                .collect();
-            by_target.push(StatusCounters::new(metrics, l, &name, &local));
-            RouteStats {
-                listener: l.clone(),
-                duration: metrics
-                    .http_request_duration
-                    .get_or_create(&RouteLabels {
-                        listener: l.clone(),
-                        route: name.clone(),
-                    })
-                    .clone(),
-                by_target,
-            }
-        })
+        .map(|l| RouteStats::new(metrics, l, &name, backends.iter().copied(), local))
         .collect();
     Route {
         name,
@@ -674,7 +599,12 @@ mod tests {
                 })
                 .collect(),
         };
-        RouteTable::compile(&rc, &["l".into()], &HashMap::new(), &Metrics::new())
+        RouteTable::compile(
+            &rc,
+            &["l".into()],
+            &HashMap::new(),
+            &Arc::new(Metrics::new()),
+        )
     }
 
     fn find<'t>(

@@ -90,14 +90,11 @@ pub async fn handle(
     let listener = &*ctx.info.listener;
     if let Some(route) = out.route {
         if let Some(stats) = route.stats(listener) {
-            stats.duration.observe(start.elapsed().as_secs_f64());
-            if let Some(c) = stats.counters(out.target) {
-                c.inc(status);
-            }
+            stats.record(out.target, status, Some(start.elapsed().as_secs_f64()));
         }
         route.response_headers.apply(res.headers_mut());
-    } else if let Some(c) = out.table.and_then(|t| t.no_route_counters(listener)) {
-        c.inc(status);
+    } else if let Some(stats) = out.table.and_then(|t| t.no_route_stats(listener)) {
+        stats.record(None, status, None);
     }
     if let Some(log) = log.as_deref_mut() {
         log.status = status;
