@@ -333,7 +333,10 @@ async fn run_static(args: ProxyArgs, path: PathBuf) -> anyhow::Result<ExitCode> 
         bind_ip: args.bind_ip,
     };
     let config = match biplane_xds::compile_static(&text, args.gateway.as_deref(), &opts) {
-        Ok(config) => config,
+        Ok(config) => {
+            drop(text);
+            config
+        }
         Err(err) => {
             // Nothing is bound yet: report every problem and stop.
             let source = path.display();

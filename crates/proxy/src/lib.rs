@@ -17,6 +17,7 @@ pub mod admin;
 pub mod http;
 pub mod lb;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 mod proxy;
 pub mod tcp;

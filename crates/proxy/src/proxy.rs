@@ -187,6 +187,8 @@ impl Proxy {
             None => None,
         };
         admin.ready.store(ready, Ordering::Release);
+        let trim = crate::memory::release_free_heap();
+        tracing::debug!(trim_us = trim.as_micros(), "freed heap returned to the OS");
         Ok(Proxy {
             shared,
             admin,
@@ -315,7 +317,11 @@ impl Proxy {
         ls.draining.retain(|t| !t.is_finished());
         ls.active = active;
         self.admin.listeners.store(Arc::new(addrs(&ls.active)));
-        tracing::info!(version = %version, listeners = ls.active.len(), "config applied");
+        let listeners = ls.active.len();
+        drop(ls);
+        // The old snapshot is freed unless requests still hold it; the compile's garbage is.
+        let trim = crate::memory::release_free_heap();
+        tracing::info!(version = %version, listeners, trim_us = trim.as_micros(), "config applied");
         Ok(())
     }
 
