@@ -102,12 +102,39 @@ impl std::fmt::Debug for ConnCtx {
     }
 }
 
+/// The client address as an `X-Forwarded-For` value (IPv4-mapped IPv6 as IPv4). Made once
+/// per connection; IPv4 is written by hand because `Display` costs about 1,400
+/// instructions through the formatting machinery (3 % of a connection-per-request).
 fn ip_header(ip: IpAddr) -> HeaderValue {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
+    let v4 = match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => {
+                return HeaderValue::from_str(&v6.to_string())
+                    .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+            }
+        },
     };
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, o) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
+    }
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Serve one downstream connection (plaintext or already-TLS-terminated) until it closes.
@@ -295,5 +322,31 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn ip_header_matches_display() {
+        for ip in [
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(255, 255, 255, 255),
+            Ipv4Addr::new(10, 100, 9, 99),
+            Ipv4Addr::new(192, 0, 2, 200),
+        ] {
+            assert_eq!(ip_header(IpAddr::V4(ip)), ip.to_string().as_str());
+            let mapped = IpAddr::V6(ip.to_ipv6_mapped());
+            assert_eq!(ip_header(mapped), ip.to_string().as_str());
+        }
+        let v6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_header(IpAddr::V6(v6)), "2001:db8::1");
     }
 }
