@@ -21,7 +21,7 @@
 //!    empty snapshot, so its nodes drop their configuration.
 //! 4. A watch that ends with a retryable error (compaction, lag) re-lists from step 1.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -435,6 +435,34 @@ impl ControllerShared {
     }
 }
 
+impl ControllerShared {
+    /// After the tracker missed events (`RecvError::Lagged`): reconciles with the fleet's
+    /// node map, which is exact. Nodes that disconnected unseen are forgotten (their lag
+    /// entries and early ACKs would otherwise stay forever); nodes that connected unseen
+    /// get an entry with unknown lags. Returns every Gateway with a change awaiting
+    /// convergence, to be checked again: an ACK that completed one may have been lost.
+    fn resync_after_lag(&self) -> Vec<GatewayKey> {
+        let connected: HashSet<u64> = self.fleet.nodes().iter().map(|n| n.stream_id).collect();
+        let pending: Vec<GatewayKey> = lock(&self.gateways)
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for q in lock(&self.early_acks).values_mut() {
+            q.retain(|a| connected.contains(&a.stream_id));
+        }
+        let mut lags = lock(&self.lags);
+        lags.retain(|id, _| connected.contains(id));
+        for id in connected {
+            lags.entry(id).or_insert(NodeLag {
+                connected_at: None,
+                lag_ms: [None; 5],
+            });
+        }
+        pending
+    }
+}
+
 /// Fleet events taken from the queue at once.
 const FLEET_BATCH: usize = 1024;
 /// How often, at most, a Gateway's convergence is checked while ACKs arrive.
@@ -473,8 +501,13 @@ pub async fn track_fleet(
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(
                         missed = n,
-                        "fleet tracker fell behind; lag figures may be incomplete"
+                        "fleet tracker fell behind; resynchronised from the node map (lags of the missed ACKs are unknown)"
                     );
+                    let now = Instant::now();
+                    for gw in shared.resync_after_lag() {
+                        let t = touched.entry(gw).or_insert(now);
+                        *t = (*t).max(now);
+                    }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
@@ -917,5 +950,29 @@ spec:
         );
         let backendless = set.get(&key(ResourceKind::Gateway, "gw")).unwrap();
         assert!(named_gateways(backendless).is_empty());
+    }
+
+    #[test]
+    fn a_lagged_tracker_forgets_nodes_it_never_saw_leave() {
+        let fleet = FleetStatus::new();
+        let shared = ControllerShared::new(fleet.clone(), Arc::new(Metrics::new(fleet)));
+        let gateway = GatewayKey::new("default", "gw");
+        for stream_id in [7, 8] {
+            shared.on_fleet_event(FleetEvent::Connected {
+                stream_id,
+                node_id: format!("n{stream_id}"),
+                gateway: gateway.clone(),
+                protocol: biplane_xds::server::Protocol::Delta,
+            });
+        }
+        // Both nodes' Disconnected events were among the missed ones: the fleet's node
+        // map, which is exact, has neither.
+        assert_eq!(lock(&shared.lags).len(), 2);
+        let recheck = shared.resync_after_lag();
+        assert!(
+            lock(&shared.lags).is_empty(),
+            "gone nodes keep no lag entry"
+        );
+        assert!(recheck.is_empty(), "no Gateway has a change pending");
     }
 }
