@@ -14,8 +14,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -107,31 +107,117 @@ enum Pool {
     H2 {
         slots: Box<[H2Slot]>,
         connector: Arc<ConnectorInner>,
+        /// A connection with no exchange for this long is closed by its task.
+        idle_timeout: Duration,
     },
 }
 
 #[derive(Default)]
 struct H2Slot {
-    sender: std::sync::Mutex<Option<SendRequest<RequestBody>>>,
+    conn: std::sync::Mutex<Option<H2Conn>>,
     /// Serialises dialing so that a burst of requests opens one connection.
     dialing: tokio::sync::Mutex<()>,
 }
 
-impl H2Slot {
-    fn cached(&self) -> Option<SendRequest<RequestBody>> {
-        let g = match self.sender.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        g.as_ref().filter(|s| !s.is_closed()).cloned()
+/// An endpoint's shared HTTP/2 connection.
+#[derive(Clone)]
+struct H2Conn {
+    sender: SendRequest<RequestBody>,
+    usage: Arc<H2Usage>,
+}
+
+/// Exchanges in flight on an HTTP/2 connection and since when it has had none. The
+/// connection's task retires it after the idle timeout with none in flight; a request
+/// takes the connection only while it is not retired, so no exchange is cut off.
+struct H2Usage {
+    /// Exchanges in flight, or [`H2_RETIRED`].
+    in_flight: AtomicUsize,
+    born: Instant,
+    /// Milliseconds after `born` when the last exchange ended.
+    idle_since_ms: AtomicU64,
+}
+
+const H2_RETIRED: usize = usize::MAX;
+
+impl H2Usage {
+    fn new() -> Arc<Self> {
+        Arc::new(H2Usage {
+            in_flight: AtomicUsize::new(0),
+            born: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+        })
     }
 
-    fn store(&self, s: SendRequest<RequestBody>) {
-        let mut g = match self.sender.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *g = Some(s);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts one exchange, unless the connection is retired.
+    fn acquire(self: &Arc<Self>) -> Option<H2InFlight> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != H2_RETIRED).then_some(n + 1)
+            })
+            .ok()?;
+        Some(H2InFlight(self.clone()))
+    }
+
+    /// Retires the connection if it has had no exchange for `idle`; afterwards no
+    /// request can take it.
+    fn retire_if_idle(&self, idle: Duration) -> bool {
+        if self.in_flight.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let idle_for = self
+            .now_ms()
+            .saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+        u128::from(idle_for) >= idle.as_millis()
+            && self
+                .in_flight
+                .compare_exchange(0, H2_RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+/// One exchange on an HTTP/2 connection, in flight until dropped (with the response
+/// body, or with the error).
+struct H2InFlight(Arc<H2Usage>);
+
+impl Drop for H2InFlight {
+    fn drop(&mut self) {
+        // The time first: the task reads it only once the count is zero.
+        self.0
+            .idle_since_ms
+            .store(self.0.now_ms(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl H2Slot {
+    fn lock(&self) -> MutexGuard<'_, Option<H2Conn>> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The endpoint's connection for one exchange, if it is open and not retired.
+    fn take(&self) -> Option<(SendRequest<RequestBody>, H2InFlight)> {
+        let g = self.lock();
+        let c = g.as_ref().filter(|c| !c.sender.is_closed())?;
+        let in_flight = c.usage.acquire()?;
+        Some((c.sender.clone(), in_flight))
+    }
+
+    /// The endpoint's open connection (to hand over to a new cluster state).
+    fn cached(&self) -> Option<H2Conn> {
+        self.lock()
+            .as_ref()
+            .filter(|c| {
+                !c.sender.is_closed() && c.usage.in_flight.load(Ordering::Acquire) != H2_RETIRED
+            })
+            .cloned()
+    }
+
+    fn store(&self, c: H2Conn) {
+        *self.lock() = Some(c);
     }
 }
 
@@ -203,6 +289,7 @@ impl ClusterState {
             biplane_config::UpstreamProtocol::Http2 => Pool::H2 {
                 slots: c.endpoints.iter().map(|_| H2Slot::default()).collect(),
                 connector: inner,
+                idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE),
             },
         };
         Self {
@@ -259,7 +346,11 @@ impl ClusterState {
             Pool::H1(pool) => pool.send(ep, req).await,
             // Boxed: the HTTP/2 exchange's state is twice an HTTP/1.1 one's, and would size
             // every request's future.
-            Pool::H2 { slots, connector } => Box::pin(send_h2(slots, connector, ep, req)).await,
+            Pool::H2 {
+                slots,
+                connector,
+                idle_timeout,
+            } => Box::pin(send_h2(slots, connector, *idle_timeout, ep, req)).await,
         }
     }
 
@@ -295,11 +386,12 @@ impl ClusterState {
                         slots: old_slots, ..
                     },
                 ) => {
-                    if let (Some(sender), Some(slot)) = (
+                    // It keeps the idle timeout its task was started with.
+                    if let (Some(conn), Some(slot)) = (
                         old_slots.get(old_ep.idx).and_then(H2Slot::cached),
                         new.get(new_idx),
                     ) {
-                        slot.store(sender);
+                        slot.store(conn);
                     }
                 }
                 _ => return,
@@ -616,7 +708,11 @@ impl H1Pool {
                         pool: self.clone(),
                         idx: ep.idx,
                     });
-                    return Ok(res.map(|body| UpstreamBody { body, lease }));
+                    return Ok(res.map(|body| UpstreamBody {
+                        body,
+                        lease,
+                        h2: None,
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
@@ -651,22 +747,25 @@ impl H1Pool {
 async fn send_h2(
     slots: &[H2Slot],
     connector: &ConnectorInner,
+    idle_timeout: Duration,
     ep: &UpEndpoint,
     req: http::Request<RequestBody>,
 ) -> Result<http::Response<UpstreamBody>, SendError> {
     let slot = slots
         .get(ep.idx)
         .ok_or_else(|| SendError::Connect("no such endpoint".into()))?;
-    let mut sender = match slot.cached() {
-        Some(s) => s,
+    let (mut sender, in_flight) = match slot.take() {
+        Some(t) => t,
         None => {
             let _dialing = slot.dialing.lock().await;
-            match slot.cached() {
-                Some(s) => s,
+            match slot.take() {
+                Some(t) => t,
                 None => {
-                    let sender = Box::pin(dial_h2(connector, ep.addr)).await?;
-                    slot.store(sender.clone());
-                    sender
+                    let conn = Box::pin(dial_h2(connector, ep.addr, idle_timeout)).await?;
+                    slot.store(conn);
+                    slot.take().ok_or_else(|| {
+                        SendError::Protocol("the new HTTP/2 connection closed at once".into())
+                    })?
                 }
             }
         }
@@ -678,15 +777,23 @@ async fn send_h2(
     sender
         .send_request(req)
         .await
-        .map(|res| res.map(UpstreamBody::plain))
+        .map(|res| {
+            res.map(|body| UpstreamBody {
+                body,
+                lease: None,
+                h2: Some(in_flight),
+            })
+        })
         .map_err(|e| SendError::Protocol(chain(&e)))
 }
 
-/// A new HTTP/2 connection to `addr`, driven by a task of its own.
+/// A new HTTP/2 connection to `addr`, driven by a task of its own that closes it after
+/// `idle_timeout` with no exchange in flight.
 async fn dial_h2(
     connector: &ConnectorInner,
     addr: SocketAddr,
-) -> Result<hyper::client::conn::http2::SendRequest<RequestBody>, SendError> {
+    idle_timeout: Duration,
+) -> Result<H2Conn, SendError> {
     let conn = connector
         .connect(addr)
         .await
@@ -696,12 +803,29 @@ async fn dial_h2(
         .handshake(conn)
         .await
         .map_err(|e| SendError::Connect(chain(&e)))?;
+    let usage = H2Usage::new();
+    let watched = usage.clone();
+    let period = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream h2 connection ended with error");
+        let mut conn = std::pin::pin!(conn);
+        loop {
+            tokio::select! {
+                ended = &mut conn => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "upstream h2 connection ended with error");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep(period) => {
+                    if watched.retire_if_idle(idle_timeout) {
+                        tracing::debug!(%addr, "upstream h2 connection idle: closing");
+                        return;
+                    }
+                }
+            }
         }
     });
-    Ok(sender)
+    Ok(H2Conn { sender, usage })
 }
 
 /// A pooled connection lent to one response; goes back to its pool when the body is over.
@@ -717,6 +841,8 @@ struct Lease {
 pub struct UpstreamBody {
     body: Incoming,
     lease: Option<Lease>,
+    /// HTTP/2: the exchange counts as in flight on its connection until the body is gone.
+    h2: Option<H2InFlight>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -724,6 +850,7 @@ impl std::fmt::Debug for UpstreamBody {
         f.debug_struct("UpstreamBody")
             .field("body", &self.body)
             .field("pooled", &self.lease.is_some())
+            .field("h2_in_flight", &self.h2.is_some())
             .finish()
     }
 }
@@ -731,7 +858,11 @@ impl std::fmt::Debug for UpstreamBody {
 impl UpstreamBody {
     /// A body whose connection is driven elsewhere (HTTP/2, upgrades).
     fn plain(body: Incoming) -> Self {
-        Self { body, lease: None }
+        Self {
+            body,
+            lease: None,
+            h2: None,
+        }
     }
 
     fn release(&mut self, cx: &mut Context<'_>) {
@@ -768,6 +899,12 @@ impl Body for UpstreamBody {
                 this.lease = None;
             }
             res = Pin::new(&mut this.body).poll_frame(cx);
+        }
+        if this.h2.is_some()
+            && (res.is_ready() && this.body.is_end_stream() || matches!(res, Poll::Ready(None)))
+        {
+            // The exchange is over: the connection may count as idle from now.
+            this.h2 = None;
         }
         match &res {
             Poll::Ready(None) => this.release(cx),
@@ -829,6 +966,14 @@ mod tests {
     }
 
     fn cluster(addr: SocketAddr, idle_timeout: Option<Duration>) -> ClusterState {
+        cluster_of(addr, idle_timeout, biplane_config::UpstreamProtocol::Http1)
+    }
+
+    fn cluster_of(
+        addr: SocketAddr,
+        idle_timeout: Option<Duration>,
+        protocol: biplane_config::UpstreamProtocol,
+    ) -> ClusterState {
         let c = biplane_config::Cluster {
             name: "c".into(),
             connect_timeout: Duration::from_secs(1),
@@ -837,10 +982,83 @@ mod tests {
                 address: addr,
                 weight: 1,
             }],
-            protocol: biplane_config::UpstreamProtocol::Http1,
+            protocol,
             idle_timeout,
         };
         ClusterState::new(&c, &Metrics::new())
+    }
+
+    /// A body whose one frame comes after a delay.
+    struct Delayed(Pin<Box<tokio::time::Sleep>>, Option<&'static [u8]>);
+
+    impl Body for Delayed {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            std::task::ready!(self.0.as_mut().poll(cx));
+            Poll::Ready(
+                self.1
+                    .take()
+                    .map(|b| Ok(Frame::data(Bytes::from_static(b)))),
+            )
+        }
+    }
+
+    /// An HTTP/2 (prior knowledge) upstream that counts the connections it accepts;
+    /// `/slow` sends its body 400 ms after the head.
+    async fn h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let (delay, text) = match req.uri().path() {
+                        "/slow" => (400, &b"slow"[..]),
+                        _ => (0, &b"hi"[..]),
+                    };
+                    let sleep = Box::pin(tokio::time::sleep(Duration::from_millis(delay)));
+                    Ok::<_, Infallible>(http::Response::new(Delayed(sleep, Some(text))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn h2_connection_closes_after_the_idle_timeout_but_not_under_a_slow_exchange() {
+        let (addr, accepted) = h2_upstream().await;
+        let c = cluster_of(
+            addr,
+            Some(Duration::from_millis(100)),
+            biplane_config::UpstreamProtocol::Http2,
+        );
+        // The exchange outlives the idle timeout four times: it must not be cut.
+        assert_eq!(get(&c, "http://up/slow").await, "slow");
+        assert_eq!(get(&c, "http://up/").await, "hi");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one shared connection");
+        assert_eq!(c.stats.connections_active.get(), 1);
+        wait_until("idle h2 connection closed", || {
+            c.stats.connections_active.get() == 0
+        })
+        .await;
+        assert_eq!(get(&c, "http://up/").await, "hi");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "dialed again after the close"
+        );
     }
 
     async fn get(c: &ClusterState, path: &'static str) -> String {
