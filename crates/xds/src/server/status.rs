@@ -213,6 +213,11 @@ impl FleetStatus {
         self.lock().values().cloned().collect()
     }
 
+    /// The stream ids of every connected node (cheap: no node is cloned).
+    pub fn stream_ids(&self) -> Vec<u64> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Connected nodes of one Gateway.
     pub fn nodes_of(&self, gateway: &GatewayKey) -> Vec<NodeStatus> {
         self.lock()
