@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -691,3 +692,19 @@ def versions(biplane: str) -> dict:
         # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL" after an empty line.
         "envoy": out([envoy, "--version"]).split("version: ")[-1] if envoy else None,
     }
+
+
+def wait_log(proc: "Proc", pattern: str, deadline_s: float = 20.0) -> str:
+    """Polls the process's log until a line matches `pattern`; returns group 1."""
+    rx = re.compile(pattern)
+    end = time.monotonic() + deadline_s
+    while True:
+        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+        m = rx.search(text)
+        if m:
+            return m.group(1)
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log_tail()}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{proc.name} never logged /{pattern}/: {proc.log_tail()}")
+        time.sleep(0.02)

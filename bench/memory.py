@@ -20,6 +20,7 @@ Internal: `memory.py hold PORT N` is the idle-connection client (one process).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import random
@@ -251,10 +252,64 @@ def measure_peer(peer: str, workdir: Path, up: lib.Upstream, biplane: str, conns
         m = lib.mem_status(p.pids())
         out["routes"], out["backends"] = routes, backends
         out["routes_rss_bytes"], out["routes_pss_bytes"] = m["rss"], m["pss"]
+        out["routes_hwm_bytes"] = m["hwm"]
         out["bytes_per_route"] = round((m["rss"] - out["idle_rss_bytes"]) / routes)
     finally:
         p.stop()
+    if peer == "biplane":
+        out.update(biplane_over_xds(workdir, up, biplane, routes, backends, out["idle_rss_bytes"]))
     return out
+
+
+def biplane_over_xds(workdir: Path, up: lib.Upstream, biplane: str, routes: int, backends: int, idle_rss: int) -> dict:
+    """The same routes pushed by `biplane control` over xDS (Delta) to `biplane proxy`, as a
+    node runs in production: the proxy's RSS once they are served."""
+    d = workdir / "xds"
+    d.mkdir(exist_ok=True)
+    port = lib.free_port()
+    control = lib.Proc(
+        "control",
+        [biplane, "control", "--insecure", "--api-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0",
+         "--data-dir", str(d / "data"), "--proxy-bind-ip", "127.0.0.1"],
+        lib.LOAD_CORE, d, env={"BIPLANE_LOG": "warn"},
+    )
+    proxy = None
+    try:
+        api = lib.wait_log(control, r"api listening on (\S+)")
+        xds = lib.wait_log(control, r"xds listening on (\S+)")
+        host, api_port = api.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(api_port), timeout=60)
+        try:
+            conn.request("POST", "/api/v1/apply", body=biplane_routes(up.h1, port, routes, backends).encode(),
+                         headers={"Content-Type": "application/yaml"})
+            r = conn.getresponse()
+            body = r.read()
+            if r.status != 200:
+                raise RuntimeError(f"apply answered {r.status}: {body[:300]!r}")
+        finally:
+            conn.close()
+        t0 = time.monotonic()
+        proxy = lib.Proc(
+            "biplane-xds",
+            [biplane, "proxy", "--insecure", "--control-plane", xds, "--gateway", "bench", "--node-id", "bench",
+             "--state-dir", str(d / "state"), "--admin-addr", f"127.0.0.1:{lib.free_port()}", "--no-access-log"],
+            lib.PROXY_CORE, d, env={"TOKIO_WORKER_THREADS": "1", "BIPLANE_LOG": "warn"},
+        )
+        i, k = random.randrange(backends), random.randrange(routes // backends)
+        lib.wait_http(port, proxy, path=f"/r{k}/x", host=f"svc{i}.bench.local", deadline_s=120)
+        ready = round(time.monotonic() - t0, 2)
+        settle()
+        m = lib.mem_status(proxy.pids())
+        return {
+            "xds_routes_ready_s": ready,
+            "xds_routes_rss_bytes": m["rss"],
+            "xds_routes_hwm_bytes": m["hwm"],
+            "xds_bytes_per_route": round((m["rss"] - idle_rss) / routes),
+        }
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        control.stop()
 
 
 def markdown(result: dict) -> str:
@@ -264,20 +319,30 @@ def markdown(result: dict) -> str:
         f"load average {' '.join(result['machine']['loadavg_start'])}. RSS summed over the proxy's processes.",
         "",
         f"| Peer | idle RSS MiB | RSS with {c['idle_conns']:,} idle conns MiB | bytes / idle conn | "
-        f"RSS with {c['routes']:,} routes / {c['backends']:,} backends MiB | bytes / route | start to serving s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"RSS with {c['routes']:,} routes / {c['backends']:,} backends MiB | bytes / route | peak RSS while loading (largest process) MiB | "
+        "start to serving s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for peer in c["peers"]:
         r = result["peers"].get(peer, {})
         if "error" in r:
-            lines.append(f"| {peer} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {peer} | failed: {r['error'][:80]} | | | | | | |")
             continue
         mib = lambda k: f"{r[k] / 2**20:.1f}" if r.get(k) is not None else "–"  # noqa: E731
         held = f" ({r['conns_held']:,} held)" if r.get("conns_held") != c["idle_conns"] else ""
         lines.append(
             f"| {peer} | {mib('idle_rss_bytes')} | {mib('conns_rss_bytes')}{held} | {r.get('bytes_per_idle_conn', '–'):,} | "
-            f"{mib('routes_rss_bytes')} | {r.get('bytes_per_route', '–'):,} | {r.get('routes_ready_s', '–')} |"
+            f"{mib('routes_rss_bytes')} | {r.get('bytes_per_route', '–'):,} | {mib('routes_hwm_bytes')} | "
+            f"{r.get('routes_ready_s', '–')} |"
         )
+    b = result["peers"].get("biplane", {})
+    if b.get("xds_routes_rss_bytes"):
+        lines += [
+            "",
+            f"Biplane fed the same routes over xDS (`biplane control` → Delta ADS → `biplane proxy`): "
+            f"RSS {b['xds_routes_rss_bytes'] / 2**20:.1f} MiB, {b['xds_bytes_per_route']:,} bytes / route, "
+            f"peak {b['xds_routes_hwm_bytes'] / 2**20:.1f} MiB, serving {b['xds_routes_ready_s']} s after the proxy started.",
+        ]
     for peer, why in result.get("skipped", {}).items():
         lines += ["", f"{TITLES.get(peer, peer)} was left out of this run: {why}."]
     ratios = result.get("biplane_vs", {})

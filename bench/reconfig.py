@@ -87,22 +87,6 @@ def median(vals: list) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
-def wait_log(proc: lib.Proc, pattern: str, deadline_s: float = 20.0) -> str:
-    """Polls the process's log until a line matches `pattern`; returns group 1."""
-    rx = re.compile(pattern)
-    end = time.monotonic() + deadline_s
-    while True:
-        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
-        m = rx.search(text)
-        if m:
-            return m.group(1)
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log_tail()}")
-        if time.monotonic() > end:
-            raise RuntimeError(f"{proc.name} never logged /{pattern}/: {proc.log_tail()}")
-        time.sleep(0.02)
-
-
 def port_of(addr: str) -> int:
     return int(addr.rsplit(":", 1)[1])
 
@@ -133,7 +117,7 @@ def start_planes(workdir: Path, biplane: str) -> Planes:
             p = lib.Proc(f"echo-{name}", [biplane, "echo", "--addr", "127.0.0.1:0", "--name", name], lib.LOAD_CORE, workdir,
                          env={"TOKIO_WORKER_THREADS": "1", "BIPLANE_LOG": "warn"})
             procs.append(p)
-            echoes[name] = port_of(wait_log(p, r"listening on (\S+)"))
+            echoes[name] = port_of(lib.wait_log(p, r"listening on (\S+)"))
         control = lib.Proc(
             "control",
             [biplane, "control", "--insecure", "--api-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0",
@@ -141,8 +125,8 @@ def start_planes(workdir: Path, biplane: str) -> Planes:
             lib.LOAD_CORE, workdir, env={"BIPLANE_LOG": "warn"},
         )
         procs.append(control)
-        api = wait_log(control, r"api listening on (\S+)")
-        xds = wait_log(control, r"xds listening on (\S+)")
+        api = lib.wait_log(control, r"api listening on (\S+)")
+        xds = lib.wait_log(control, r"xds listening on (\S+)")
         admin = lib.free_port()
         proxy = lib.Proc(
             "proxy",
