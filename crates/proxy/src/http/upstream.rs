@@ -936,9 +936,11 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/1.1 upstream that counts the connections it accepts; `/close` answers with
-    /// `Connection: close`.
-    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A listener on 127.0.0.1 that counts the connections it accepts and hands each to
+    /// `serve`.
+    async fn counting_listener(
+        serve: impl Fn(tokio::net::TcpStream) + Send + 'static,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -947,22 +949,31 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
-                    let mut res =
-                        http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hi")));
-                    if req.uri().path() == "/close" {
-                        res.headers_mut()
-                            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(res)
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc),
-                );
+                serve(stream);
             }
         });
         (addr, accepted)
+    }
+
+    /// An HTTP/1.1 upstream that counts the connections it accepts; `/close` answers with
+    /// `Connection: close`.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        counting_listener(|stream| {
+            let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                let mut res =
+                    http::Response::new(http_body_util::Full::new(Bytes::from_static(b"hi")));
+                if req.uri().path() == "/close" {
+                    res.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(res)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        })
+        .await
     }
 
     fn cluster(addr: SocketAddr, idle_timeout: Option<Duration>) -> ClusterState {
@@ -1011,29 +1022,21 @@ mod tests {
     /// An HTTP/2 (prior knowledge) upstream that counts the connections it accepts;
     /// `/slow` sends its body 400 ms after the head.
     async fn h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
-                    let (delay, text) = match req.uri().path() {
-                        "/slow" => (400, &b"slow"[..]),
-                        _ => (0, &b"hi"[..]),
-                    };
-                    let sleep = Box::pin(tokio::time::sleep(Duration::from_millis(delay)));
-                    Ok::<_, Infallible>(http::Response::new(Delayed(sleep, Some(text))))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc),
-                );
-            }
-        });
-        (addr, accepted)
+        counting_listener(|stream| {
+            let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                let (delay, text) = match req.uri().path() {
+                    "/slow" => (400, &b"slow"[..]),
+                    _ => (0, &b"hi"[..]),
+                };
+                let sleep = Box::pin(tokio::time::sleep(Duration::from_millis(delay)));
+                Ok::<_, Infallible>(http::Response::new(Delayed(sleep, Some(text))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        })
+        .await
     }
 
     #[tokio::test]
