@@ -239,6 +239,15 @@ fn config(domains: &[&str], routes: Vec<cfg::Route>, clusters: Vec<cfg::Cluster>
     }
 }
 
+/// Every host, one route `r` for every path, to cluster `a` at `up`.
+fn one_route(up: SocketAddr) -> cfg::Config {
+    config(
+        &["*"],
+        vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
+        vec![cluster("a", &[up])],
+    )
+}
+
 fn hcm() -> cfg::HttpConnectionManager {
     cfg::HttpConnectionManager {
         stat_prefix: "test".into(),
@@ -394,15 +403,7 @@ fn fwd(clusters: &[(&str, u32)]) -> cfg::RouteAction {
 #[tokio::test]
 async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let c = h1_client();
     let got = get_with(
         &c,
@@ -469,15 +470,7 @@ async fn weighted_split_within_tolerance() {
 #[tokio::test]
 async fn keep_alive_reuses_upstream_connection() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let c = h1_client();
     for _ in 0..20 {
         assert_eq!(get(&c, &p.url("/")).await.status, StatusCode::OK);
@@ -571,15 +564,7 @@ async fn timeout_gives_504() {
 #[tokio::test]
 async fn smuggling_shapes_get_400_and_never_reach_upstream() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let cases: [&[u8]; 3] = [
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
@@ -617,15 +602,7 @@ async fn headers_too_large_get_431() {
     let up = upstream("a").await;
     let mut small = hcm();
     small.max_request_headers_kb = 2;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        small,
-    )
-    .await;
+    let p = proxy(one_route(up.addr), small).await;
     // Over the limit but within hyper's 8 KiB minimum buffer: our guard answers.
     let raw = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
@@ -664,15 +641,7 @@ async fn headers_too_large_get_431() {
 #[tokio::test]
 async fn h2c_prior_knowledge_downstream() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     // Prior knowledge on a plain socket, so that :authority is a name, not the address.
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut send, conn) =
@@ -741,15 +710,7 @@ async fn grpc_like_trailers_pass_through_h2() {
 #[tokio::test]
 async fn bodies_stream_both_ways() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -1005,15 +966,7 @@ async fn idle_keep_alive_connection_is_closed() {
     let up = upstream("a").await;
     let mut h = hcm();
     h.idle_timeout = Some(Duration::from_millis(200));
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        h,
-    )
-    .await;
+    let p = proxy(one_route(up.addr), h).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -1032,15 +985,7 @@ async fn idle_keep_alive_connection_is_closed() {
 #[tokio::test]
 async fn drain_closes_connections_after_in_flight_response() {
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -1076,15 +1021,7 @@ async fn drain_closes_connections_after_in_flight_response() {
 async fn access_log_line_written() {
     // Exercise the logging path end to end (the line goes to stdout; format is unit-tested).
     let up = upstream("a").await;
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        hcm(),
-    )
-    .await;
+    let p = proxy(one_route(up.addr), hcm()).await;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::new(p.shared.snapshot.load_full()),
         metrics: p.shared.metrics.clone(),
@@ -1347,15 +1284,7 @@ async fn h1_request_headers_timeout_answers_408() {
     let up = upstream("a").await;
     let mut h = hcm();
     h.request_headers_timeout = Some(Duration::from_millis(200));
-    let p = proxy(
-        config(
-            &["*"],
-            vec![route("r", prefix("/"), fwd(&[("a", 1)]))],
-            vec![cluster("a", &[up.addr])],
-        ),
-        h,
-    )
-    .await;
+    let p = proxy(one_route(up.addr), h).await;
     // An idle connection is not timed out by the headers timeout...
     let mut idle = TcpStream::connect(p.addr).await.unwrap();
     let mut carry = Vec::new();
