@@ -140,12 +140,14 @@ struct H2Usage {
 const H2_RETIRED: usize = usize::MAX;
 
 impl H2Usage {
-    fn new() -> Arc<Self> {
-        Arc::new(H2Usage {
-            in_flight: AtomicUsize::new(0),
+    /// A new connection's usage, with the exchange that dialed it counted.
+    fn new_with_one() -> (Arc<Self>, H2InFlight) {
+        let usage = Arc::new(H2Usage {
+            in_flight: AtomicUsize::new(1),
             born: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
-        })
+        });
+        (usage.clone(), H2InFlight(usage))
     }
 
     fn now_ms(&self) -> u64 {
@@ -761,11 +763,11 @@ async fn send_h2(
             match slot.take() {
                 Some(t) => t,
                 None => {
-                    let conn = Box::pin(dial_h2(connector, ep.addr, idle_timeout)).await?;
+                    let (conn, in_flight) =
+                        Box::pin(dial_h2(connector, ep.addr, idle_timeout)).await?;
+                    let sender = conn.sender.clone();
                     slot.store(conn);
-                    slot.take().ok_or_else(|| {
-                        SendError::Protocol("the new HTTP/2 connection closed at once".into())
-                    })?
+                    (sender, in_flight)
                 }
             }
         }
@@ -788,12 +790,12 @@ async fn send_h2(
 }
 
 /// A new HTTP/2 connection to `addr`, driven by a task of its own that closes it after
-/// `idle_timeout` with no exchange in flight.
+/// `idle_timeout` with no exchange in flight; with it, the dialing exchange's count.
 async fn dial_h2(
     connector: &ConnectorInner,
     addr: SocketAddr,
     idle_timeout: Duration,
-) -> Result<H2Conn, SendError> {
+) -> Result<(H2Conn, H2InFlight), SendError> {
     let conn = connector
         .connect(addr)
         .await
@@ -803,7 +805,7 @@ async fn dial_h2(
         .handshake(conn)
         .await
         .map_err(|e| SendError::Connect(chain(&e)))?;
-    let usage = H2Usage::new();
+    let (usage, in_flight) = H2Usage::new_with_one();
     let watched = usage.clone();
     let period = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
     tokio::spawn(async move {
@@ -825,7 +827,7 @@ async fn dial_h2(
             }
         }
     });
-    Ok(H2Conn { sender, usage })
+    Ok((H2Conn { sender, usage }, in_flight))
 }
 
 /// A pooled connection lent to one response; goes back to its pool when the body is over.
@@ -865,10 +867,13 @@ impl UpstreamBody {
         }
     }
 
+    /// The exchange is over: a pooled HTTP/1.1 connection goes back to its pool, and an
+    /// HTTP/2 connection may count as idle from now.
     fn release(&mut self, cx: &mut Context<'_>) {
         if let Some(l) = self.lease.take() {
             l.pool.put(l.idx, l.conn, cx);
         }
+        self.h2 = None;
     }
 }
 
@@ -900,16 +905,13 @@ impl Body for UpstreamBody {
             }
             res = Pin::new(&mut this.body).poll_frame(cx);
         }
-        if this.h2.is_some()
-            && (res.is_ready() && this.body.is_end_stream() || matches!(res, Poll::Ready(None)))
-        {
-            // The exchange is over: the connection may count as idle from now.
-            this.h2 = None;
-        }
         match &res {
             Poll::Ready(None) => this.release(cx),
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
-            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Ready(Some(Err(_))) => {
+                this.lease = None;
+                this.h2 = None;
+            }
             _ => {}
         }
         res
